@@ -1,0 +1,16 @@
+"""forkchat: a two-person TCP chat server that forks one worker process per pair.
+
+Modules, one per role:
+
+- ``server``   the parent: listen, accept, names, waiting queue, pairing, reaping, signals
+- ``room``     the room worker: relay and turns between the two clients of one pair
+- ``protocol`` the wire protocol: framing, validation, the lines
+- ``conn``     one client connection: non-blocking socket, line reader, bounded output
+- ``census``   the shared, lock-free count of connected clients
+- ``log``      timestamped event lines on stdout
+- ``client``   the interactive and scripted client
+- ``pids``     the psutil-based PID helper
+- ``bench``    the benchmark
+"""
+
+__version__ = "1.0.0"

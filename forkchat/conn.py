@@ -1,0 +1,151 @@
+"""One client connection as the server sees it: a non-blocking socket, a line reader,
+the lines read but not yet handled, and a bounded output buffer.
+
+Used by the parent (handshake and waiting queue) and, after the fork, by the room
+worker, which inherits the object as it was: bytes that arrived with the name, lines
+not yet handled and output not yet sent all survive the hand-over.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections import deque
+
+from .protocol import DEFAULT_MAX_LINE, LineReader, TooLong
+
+RECV_SIZE = 65536
+# TCP keepalive: a peer that vanished without FIN is noticed in about 2 minutes.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 4
+
+# Connection states in the parent (a room worker does not use them).
+HANDSHAKE = "handshake"
+WAITING = "waiting"
+CLOSING = "closing"
+IN_ROOM = "in-room"
+
+
+def out_limit_for(max_line: int) -> int:
+    """Unsent output allowed per connection before it is dropped as a slow consumer.
+
+    Room for a few dozen of the largest lines: a reader that keeps up never gets near it.
+    """
+    return max(65536, 16 * (max_line + 64))
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Make a client socket non-blocking, NODELAY (small lines back to back) and keepalive."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+def format_peer(addr: tuple) -> str:
+    """``IP:port`` for IPv4, ``[IP]:port`` for IPv6."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Conn:
+    """A client connection. ``fd`` stays valid as a key after ``close()``."""
+
+    __slots__ = (
+        "deadline",
+        "fd",
+        "inbox",
+        "name",
+        "out",
+        "out_limit",
+        "peer",
+        "reader",
+        "sock",
+        "state",
+        "wr_shut",
+    )
+
+    def __init__(self, sock: socket.socket, peer: str, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.name: str | None = None
+        self.reader = LineReader(max_line)
+        self.inbox: deque[bytes | TooLong] = deque()
+        self.out = bytearray()
+        self.out_limit = out_limit_for(max_line)
+        self.state = HANDSHAKE
+        self.deadline = 0.0
+        self.wr_shut = False
+
+    def __repr__(self) -> str:
+        return f"<Conn {self.label} {self.state}>"
+
+    @property
+    def label(self) -> str:
+        """``name ip:port`` once named, else ``ip:port``: how the log names this client."""
+        return f"{self.name} {self.peer}" if self.name else self.peer
+
+    def receive(self) -> bool:
+        """Read what is available into ``inbox``. False when the peer closed or reset.
+
+        Never blocks; a read that would block counts as still open.
+        """
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False  # reset, keepalive timeout: the peer is gone
+        if not data:
+            return False
+        self.inbox.extend(self.reader.feed(data))
+        return True
+
+    def queue(self, data: bytes) -> bool:
+        """Append output. False when the unsent output is over the bound (slow consumer)."""
+        self.out += data
+        return len(self.out) <= self.out_limit
+
+    def flush(self) -> bool:
+        """Send what the socket takes now. True when all output is sent.
+
+        Raises OSError when the peer is gone (reset, broken pipe).
+        """
+        while self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                return False
+            del self.out[:sent]
+        return True
+
+    def shut_write(self) -> None:
+        """Send FIN after the last line, so the peer reads everything before the close."""
+        if not self.wr_shut:
+            self.wr_shut = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def drain(self) -> bool:
+        """Read and discard input while closing. False once the peer has closed too."""
+        try:
+            return bool(self.sock.recv(RECV_SIZE))
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        """Close the socket; safe to call twice."""
+        self.sock.close()
+
+
+def is_fd_exhaustion(exc: OSError) -> bool:
+    """True for accept() failures that mean "out of file descriptors or memory"."""
+    return exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)

@@ -1,0 +1,269 @@
+"""The room worker: one forked process per pair, relaying lines and keeping the turns.
+
+The worker holds its two client sockets and nothing else of the parent's (the parent's
+``prepare_room_child`` closes the rest before :func:`run_room` is called). The first
+client to arrive writes first. After a message the writer gets ``TURN READ``; the reader
+gets ``MSG`` then ``TURN WRITE``. ``exit`` ends the room for both at any time.
+
+The number of this room's clients still connected lives in ``clients``, a lock-free
+``multiprocessing.Value`` that only this process writes and the parent only reads: a
+SIGKILL at any moment cannot leave a lock held, and the parent zeroes the room's share
+when it reaps the worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import selectors
+import signal
+import time
+from typing import Any
+
+from . import protocol as p
+from .conn import Conn
+from .log import Log
+
+EXIT_OK = 0
+EXIT_CRASH = 70  # EX_SOFTWARE: a bug, logged without a traceback to the clients
+LINGER = 2.0  # seconds to deliver BYE and see the peer close before closing anyway
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+PARENT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+
+def reset_inherited_signals() -> None:
+    """First thing in a fresh worker: drop the parent's wakeup fd and handlers."""
+    signal.set_wakeup_fd(-1)
+    for sig in PARENT_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+class Room:
+    """The relay between two clients; ``run()`` returns the worker's exit status."""
+
+    def __init__(
+        self, number: int, first: Conn, second: Conn, clients: Any, idle_timeout: float, log: Log
+    ) -> None:
+        self.number = number
+        self.conns = (first, second)
+        self.writer = first
+        self.clients = clients
+        self.idle_timeout = idle_timeout
+        self.log = log
+        self.sel = selectors.DefaultSelector()
+        self.last_message = time.monotonic()
+        self.ended = False
+        self.wake_r = -1
+
+    def partner(self, conn: Conn) -> Conn:
+        return self.conns[1] if conn is self.conns[0] else self.conns[0]
+
+    # -- set-up -----------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        """Stop signals only wake the loop through a pipe (no socket: we hold only two)."""
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda *_: None)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
+        parent = multiprocessing.parent_process()
+        if parent is not None and parent.sentinel is not None:
+            self.sel.register(parent.sentinel, selectors.EVENT_READ, "parent")
+        # The parent blocked these around the fork; pending ones arrive now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
+
+    def greet(self) -> None:
+        """PAIRED and the first turns; then the lines that came with the names, in order."""
+        first, second = self.conns
+        first.queue(p.paired_line(second.name or "?") + p.turn_line(write=True))
+        second.queue(p.paired_line(first.name or "?") + p.turn_line(write=False))
+        for conn in self.conns:
+            self.sel.register(conn.fd, selectors.EVENT_READ, conn)
+        for conn in self.conns:
+            self.handle_inbox(conn)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Relay until the room ends, then close both sockets. Returns the exit status."""
+        self.install_signals()
+        self.greet()
+        while not self.ended:
+            self.flush_all()
+            if self.ended:
+                break
+            for key, _mask in self.sel.select(self.time_left()):
+                self.dispatch(key.data)
+                if self.ended:
+                    break
+            self.check_idle()
+        return EXIT_OK
+
+    def time_left(self) -> float | None:
+        if not self.idle_timeout:
+            return None
+        return max(0.0, self.last_message + self.idle_timeout - time.monotonic())
+
+    def dispatch(self, what: Any) -> None:
+        if what == "signal":
+            self.handle_signal()
+        elif what == "parent":
+            self.end(
+                "the server process is gone",
+                {c: (p.BYE_SHUTDOWN, "server lost") for c in self.conns},
+            )
+        else:
+            self.handle_readable(what)
+
+    def handle_signal(self) -> None:
+        try:
+            data = os.read(self.wake_r, 64)
+        except BlockingIOError:
+            return
+        if data:
+            name = signal.Signals(data[0]).name
+            byes = {c: (p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT) for c in self.conns}
+            self.end(f"server shutdown ({name})", byes)
+
+    def check_idle(self) -> None:
+        if self.ended or not self.idle_timeout:
+            return
+        if time.monotonic() - self.last_message >= self.idle_timeout:
+            text = f"no message for {self.idle_timeout:g} s"
+            self.end(f"idle timeout ({text})", {c: (p.BYE_TIMEOUT, text) for c in self.conns})
+
+    def handle_readable(self, conn: Conn) -> None:
+        if not conn.receive():
+            self.lose(conn, "disconnected without exit")
+            return
+        self.handle_inbox(conn)
+
+    def handle_inbox(self, conn: Conn) -> None:
+        while conn.inbox and not self.ended:
+            self.handle_line(conn, conn.inbox.popleft())
+
+    def handle_line(self, conn: Conn, line: bytes | p.TooLong) -> None:
+        """Apply one line from ``conn`` to the room: the protocol's rules, in order."""
+        if isinstance(line, p.TooLong):
+            self.send(conn, p.err_line(p.ERR_TOO_LONG, conn.reader.max_line))
+        elif p.is_exit(line):
+            partner = self.partner(conn)
+            byes = {
+                conn: (p.BYE_EXIT, "goodbye"),
+                partner: (p.BYE_PARTNER_EXIT, f"{conn.name} left the chat"),
+            }
+            self.log.event("leave", f"{conn.label} left (exit)")
+            self.end(f"{conn.name} left", byes)
+        elif p.is_blank(line):
+            return
+        elif code := p.check_message(line):
+            self.send(conn, p.err_line(code))
+        elif conn is not self.writer:
+            self.send(conn, p.err_line(p.ERR_NOT_YOUR_TURN))
+        else:
+            self.relay(conn, line)
+
+    def relay(self, writer: Conn, line: bytes) -> None:
+        """The writer's message to the reader, then swap the turns."""
+        reader = self.partner(writer)
+        self.last_message = time.monotonic()
+        self.writer = reader
+        self.send(writer, p.turn_line(write=False))
+        self.send(reader, p.msg_line(line) + p.turn_line(write=True))
+
+    def send(self, conn: Conn, data: bytes) -> None:
+        """Queue output; a client past the output bound is dropped as a slow consumer."""
+        if not conn.queue(data):
+            self.lose(conn, f"dropped: more than {conn.out_limit} bytes unread")
+
+    def flush_all(self) -> None:
+        for conn in self.conns:
+            try:
+                done = conn.flush()
+            except OSError:
+                self.lose(conn, "connection reset")
+                return
+            events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
+            self.sel.modify(conn.fd, events, conn)
+
+    # -- the end --------------------------------------------------------------------------
+
+    def lose(self, gone: Conn, why: str) -> None:
+        """``gone`` vanished (or was dropped): close it now, tell the partner."""
+        if self.ended:
+            return
+        self.log.event("leave", f"{gone.label} {why}")
+        self.clients.value = 1
+        self.sel.unregister(gone.fd)
+        gone.close()
+        partner = self.partner(gone)
+        self.end(f"{gone.name} lost", {partner: (p.BYE_PARTNER_LOST, f"{gone.name} vanished")})
+
+    def end(self, why: str, byes: dict[Conn, tuple[str, str]]) -> None:
+        """Say BYE to the clients still here, let them read it, close, log the room closed."""
+        if self.ended:
+            return
+        self.ended = True
+        # The count goes down before the BYE leaves: a client that has read its BYE
+        # never sees itself counted.
+        self.clients.value = 0
+        for conn, (reason, text) in byes.items():
+            conn.out += p.bye_line(reason, text)
+        self.linger(list(byes))
+        for conn in self.conns:
+            conn.close()
+        self.log.event("close", f"room {self.number} closed: {why}")
+
+    def linger(self, conns: list[Conn]) -> None:
+        """Deliver pending output, send FIN, wait for each peer's close (bounded by LINGER)."""
+        deadline = time.monotonic() + LINGER
+        live = set(conns)
+        sel = selectors.DefaultSelector()
+        for conn in live:
+            try:
+                self.sel.unregister(conn.fd)
+            except (KeyError, ValueError):
+                pass
+            sel.register(conn.fd, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        while live and (left := deadline - time.monotonic()) > 0:
+            for key, mask in sel.select(left):
+                conn = key.data
+                if not self.linger_step(conn, mask, sel):
+                    sel.unregister(conn.fd)
+                    live.discard(conn)
+        sel.close()
+
+    def linger_step(self, conn: Conn, mask: int, sel: selectors.BaseSelector) -> bool:
+        """One step of closing ``conn``; False when there is nothing more to wait for."""
+        try:
+            if mask & selectors.EVENT_WRITE and conn.flush():
+                conn.shut_write()
+                sel.modify(conn.fd, selectors.EVENT_READ, conn)
+        except OSError:
+            return False
+        if mask & selectors.EVENT_READ:
+            return conn.drain()
+        return True
+
+
+def run_room(
+    number: int, first: Conn, second: Conn, clients: Any, idle_timeout: float, log: Log
+) -> int:
+    """Body of a room worker process (called in the forked child). Returns its exit status.
+
+    Whatever happens, both sockets are closed and the room's client count is zero when
+    this returns; a bug is logged in one line and gives :data:`EXIT_CRASH`.
+    """
+    room = Room(number, first, second, clients, idle_timeout, log)
+    try:
+        return room.run()
+    except Exception as exc:  # a bug must not hang the clients: log, close, exit non-zero
+        log.error(f"room {number} crashed: {type(exc).__name__}: {exc}")
+        return EXIT_CRASH
+    finally:
+        clients.value = 0
+        for conn in (first, second):
+            conn.close()

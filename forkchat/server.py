@@ -1,0 +1,668 @@
+"""forkchat server: pairs TCP clients two by two and forks one room worker per pair.
+
+Usage:
+  server [options]
+  server -h | --help
+  server --version
+
+Options:
+  --host HOST          Address to listen on [default: 127.0.0.1].
+  --port PORT          TCP port; 0 picks a free one [default: 33016].
+  --max-rooms N        Rooms open at once; further pairs wait [default: 200].
+  --max-waiting N      Named clients not yet in a room; more get BYE full [default: 1000].
+  --max-line BYTES     Longest line accepted, LF excluded [default: 4096].
+  --name-timeout SEC   Seconds a new client has to send its name [default: 30].
+  --idle-timeout SEC   Seconds without a message before a room closes, 0 = never
+                       [default: 1800].
+  --pidfile PATH       Write the server's PID here at start, remove it at a clean exit.
+  --no-color           Never colour the log (NO_COLOR in the environment does the same).
+  -h --help            Show this help.
+  --version            Show the version.
+
+Signals: SIGUSR2 prints the number of clients; SIGUSR1, SIGTERM and SIGINT shut down.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from docopt import DocoptExit, docopt
+
+from . import __version__
+from . import protocol as p
+from .conn import (
+    CLOSING,
+    HANDSHAKE,
+    IN_ROOM,
+    WAITING,
+    Conn,
+    format_peer,
+    is_fd_exhaustion,
+    tune_socket,
+)
+from .log import Log, want_color
+from .room import LINGER, PARENT_SIGNALS, reset_inherited_signals, run_room
+
+# The start method is pinned once, here: rooms are forked (Python 3.14 changes the default).
+MP = multiprocessing.get_context("fork")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+BACKLOG = 4096
+ACCEPT_BATCH = 256  # accepts per wake-up, so a connect storm cannot starve the rest
+ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of file descriptors
+STOP_GRACE = 5.0  # seconds rooms get to say BYE at shutdown before they are killed
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """The server's settings, checked."""
+
+    host: str = "127.0.0.1"
+    port: int = 33016
+    max_rooms: int = 200
+    max_waiting: int = 1000
+    max_line: int = p.DEFAULT_MAX_LINE
+    name_timeout: float = 30.0
+    idle_timeout: float = 1800.0
+    pidfile: str | None = None
+    no_color: bool = False
+
+
+def to_number(args: dict, option: str, kind: Callable, low: float, high: float) -> Any:
+    """Convert one option value, or raise UsageError naming the option and the range."""
+    raw = args[option]
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise UsageError(f"{option} must be a number, not {raw!r}") from None
+    if not low <= value <= high or value != value:  # value != value: NaN
+        raise UsageError(f"{option} must be between {low:g} and {high:g}, not {raw!r}")
+    return value
+
+
+def parse_options(argv: list[str] | None = None) -> Options:
+    """Parse and check the command line. Raises UsageError, or exits for -h/--version."""
+    try:
+        args = docopt(__doc__, argv=argv, version=f"forkchat {__version__}")
+    except DocoptExit as exc:
+        raise UsageError(str(exc).strip().splitlines()[0]) from None
+    return Options(
+        host=args["--host"],
+        port=to_number(args, "--port", int, 0, 65535),
+        max_rooms=to_number(args, "--max-rooms", int, 1, 100_000),
+        max_waiting=to_number(args, "--max-waiting", int, 1, 1_000_000),
+        max_line=to_number(args, "--max-line", int, 16, 1 << 20),
+        name_timeout=to_number(args, "--name-timeout", float, 0.01, 86400),
+        idle_timeout=to_number(args, "--idle-timeout", float, 0, 30 * 86400),
+        pidfile=args["--pidfile"],
+        no_color=args["--no-color"],
+    )
+
+
+@dataclass
+class RoomProc:
+    """What the parent keeps of a room: its worker and that worker's client count."""
+
+    number: int
+    proc: Any  # multiprocessing.Process
+    clients: Any  # multiprocessing.Value("i"), written only by the worker
+    label: str
+    opened: float = field(default_factory=time.monotonic)
+
+
+def make_listener(host: str, port: int) -> socket.socket:
+    """Bind and listen (SO_REUSEADDR, large backlog, non-blocking). Raises OSError."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    """The parent process: accept, names, waiting queue, pairing, reaping, signals.
+
+    One selector waits on the listener, the clients not yet in a room, the signal
+    wakeup socket and every room worker's sentinel. Nothing in it blocks on one client.
+    """
+
+    def __init__(self, opts: Options, log: Log) -> None:
+        self.opts = opts
+        self.log = log
+        self.sel = selectors.DefaultSelector()
+        self.listener: socket.socket | None = None
+        self.address = ""
+        # fd -> Conn; dicts keep insertion order, which is arrival order and deadline order.
+        self.handshaking: dict[int, Conn] = {}
+        self.waiting: dict[int, Conn] = {}
+        self.closing: dict[int, Conn] = {}
+        self.rooms: dict[int, RoomProc] = {}  # sentinel fd -> room
+        self.room_count = 0
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.accept_resume = 0.0
+        self.wake_r, self.wake_w = socket.socketpair()
+
+    # -- start and stop ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind, install the signal plumbing, announce. Raises OSError if it cannot bind."""
+        self.listener = make_listener(self.opts.host, self.opts.port)
+        host, port = self.listener.getsockname()[:2]
+        self.address = format_peer((host, port))
+        self.sel.register(self.listener, selectors.EVENT_READ, self.accept_clients)
+        self.install_signals()
+        self.log.plain(f"forkchat server listening on {self.address} pid {os.getpid()}")
+
+    def install_signals(self) -> None:
+        """Handlers only wake the loop: the C handler writes the signal number to wake_w."""
+        for sock in (self.wake_r, self.wake_w):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in PARENT_SIGNALS:
+            signal.signal(sig, lambda *_: None)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self.read_signals)
+
+    def serve_forever(self) -> int:
+        """Run the loop until a shutdown completes. Returns the exit status."""
+        while not (self.stopping and not self.rooms and not self.closing):
+            for key, mask in self.sel.select(self.next_timeout()):
+                key.data(key, mask)
+            self.expire_timers()
+            if self.stopping and time.monotonic() >= self.stop_deadline:
+                self.kill_stragglers()
+        self.log.plain("SERVER WILL DISCONNECT")
+        return EXIT_OK
+
+    def close(self) -> None:
+        """Release the parent's resources (after the loop, or on a start-up error)."""
+        signal.set_wakeup_fd(-1)
+        if self.listener is not None:
+            self.listener.close()
+        self.wake_r.close()
+        self.wake_w.close()
+        self.sel.close()
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def next_timeout(self) -> float | None:
+        """Seconds until the earliest deadline (name timeout, linger, pause, shutdown)."""
+        deadlines = [
+            conns[next(iter(conns))].deadline for conns in (self.handshaking, self.closing) if conns
+        ]
+        if self.accept_resume:
+            deadlines.append(self.accept_resume)
+        if self.stopping:
+            deadlines.append(self.stop_deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def expire_timers(self) -> None:
+        """Act on every deadline that has passed; each dict is in deadline order."""
+        now = time.monotonic()
+        while self.handshaking and (conn := next(iter(self.handshaking.values()))).deadline <= now:
+            text = f"no name within {self.opts.name_timeout:g} s"
+            self.log.event("leave", f"{conn.label} timed out: {text}")
+            self.say_bye(conn, p.BYE_TIMEOUT, text)
+        while self.closing and (conn := next(iter(self.closing.values()))).deadline <= now:
+            self.drop(conn)
+        if self.accept_resume and now >= self.accept_resume:
+            self.resume_accepting()
+
+    # -- accepting ------------------------------------------------------------------------
+
+    def accept_clients(self, key: Any = None, mask: int = 0) -> None:
+        """Accept the connections waiting in the backlog (a batch at most)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if is_fd_exhaustion(exc):
+                    self.pause_accepting(exc)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone already
+            self.add_client(sock, addr)
+
+    def add_client(self, sock: socket.socket, addr: tuple) -> None:
+        """Greet a new connection and give it ``--name-timeout`` seconds to send a name."""
+        try:
+            tune_socket(sock)
+        except OSError:
+            sock.close()
+            return
+        conn = Conn(sock, format_peer(addr), self.opts.max_line)
+        self.log.event("connect", f"client connected {conn.peer}")
+        conn.queue(p.hello_line())
+        if len(self.handshaking) >= self.opts.max_waiting:
+            self.register(conn)
+            self.say_bye(conn, p.BYE_FULL, "too many connections, try again later")
+            return
+        conn.deadline = time.monotonic() + self.opts.name_timeout
+        self.handshaking[conn.fd] = conn
+        self.register(conn)
+
+    def pause_accepting(self, exc: OSError) -> None:
+        """Out of fds: stop accepting for a moment instead of spinning on the listener."""
+        if not self.accept_resume:
+            self.log.error(
+                f"accept failed ({exc.strerror}); pausing accepts for {ACCEPT_PAUSE:g} s"
+            )
+            self.sel.unregister(self.listener)
+        self.accept_resume = time.monotonic() + ACCEPT_PAUSE
+
+    def resume_accepting(self) -> None:
+        self.accept_resume = 0.0
+        if not self.stopping:
+            self.sel.register(self.listener, selectors.EVENT_READ, self.accept_clients)
+
+    # -- client I/O --------------------------------------------------------------------------
+
+    def register(self, conn: Conn) -> None:
+        self.sel.register(conn.fd, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_client)
+
+    def on_client(self, key: Any, mask: int) -> None:
+        """One client socket is ready: write what is pending, read what arrived."""
+        conn = self.find(key.fd)
+        if conn is None:
+            return
+        if mask & selectors.EVENT_READ and not self.read_client(conn):
+            return
+        if conn.fd in self.handshaking or conn.fd in self.waiting or conn.fd in self.closing:
+            self.write_client(conn)
+
+    def find(self, fd: int) -> Conn | None:
+        return self.handshaking.get(fd) or self.waiting.get(fd) or self.closing.get(fd)
+
+    def read_client(self, conn: Conn) -> bool:
+        """Read and handle input. False if the connection is gone."""
+        if conn.state == CLOSING:
+            if not conn.drain():
+                self.drop(conn)
+                return False
+            return True
+        if not conn.receive():
+            where = "before sending a name" if conn.state == HANDSHAKE else "while waiting"
+            self.log.event("leave", f"client disconnected {conn.label} ({where})")
+            self.drop(conn)
+            return False
+        self.handle_inbox(conn)
+        return conn.state != IN_ROOM
+
+    def write_client(self, conn: Conn) -> None:
+        """Send pending output; on a closing client, FIN once all is sent."""
+        try:
+            done = conn.flush()
+        except OSError:
+            self.log.event("leave", f"client disconnected {conn.label} (connection reset)")
+            self.drop(conn)
+            return
+        if done and conn.state == CLOSING:
+            conn.shut_write()
+        want = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
+        self.sel.modify(conn.fd, want, self.on_client)
+
+    def send(self, conn: Conn, data: bytes) -> None:
+        """Queue output for a client in the parent; a client that does not read is dropped."""
+        if not conn.queue(data):
+            self.log.event("leave", f"client dropped {conn.label}: output not read")
+            self.drop(conn)
+
+    def handle_inbox(self, conn: Conn) -> None:
+        """Handle complete lines while the client is the parent's; the rest goes to its room."""
+        while conn.inbox and conn.state in (HANDSHAKE, WAITING):
+            line = conn.inbox.popleft()
+            if conn.state == HANDSHAKE:
+                self.take_name(conn, line)
+            else:
+                self.take_waiting_line(conn, line)
+
+    def take_name(self, conn: Conn, line: bytes | p.TooLong) -> None:
+        """The first non-blank line: the name, or ``exit``."""
+        if isinstance(line, bytes) and p.is_blank(line):
+            return
+        if isinstance(line, bytes) and p.is_exit(line):
+            self.log.event("leave", f"client {conn.peer} left before naming (exit)")
+            self.say_bye(conn, p.BYE_EXIT, "goodbye")
+            return
+        name = p.parse_name(line) if isinstance(line, bytes) else None
+        if name is None:
+            self.log.event("leave", f"client {conn.peer} refused: bad name")
+            self.say_bye(conn, p.BYE_BAD_NAME, f"a name is {p.NAME_RULE}")
+            return
+        if len(self.waiting) >= self.opts.max_waiting:
+            self.log.event(
+                "leave", f"client {name} {conn.peer} refused: {len(self.waiting)} waiting"
+            )
+            self.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later")
+            return
+        del self.handshaking[conn.fd]
+        conn.name, conn.state = name, WAITING
+        self.waiting[conn.fd] = conn
+        self.log.event("name", f"client named {conn.label}")
+        self.open_rooms()
+        if conn.state == WAITING:
+            self.tell_waiting(conn)
+
+    def tell_waiting(self, conn: Conn) -> None:
+        if len(self.waiting) >= 2 and len(self.rooms) >= self.opts.max_rooms:
+            text = f"all {self.opts.max_rooms} rooms are busy, you are in line"
+        else:
+            text = "waiting for a partner"
+        self.log.event("name", f"{conn.label} waiting ({text})")
+        self.send(conn, p.wait_line(text))
+
+    def take_waiting_line(self, conn: Conn, line: bytes | p.TooLong) -> None:
+        """A line from a waiting client: ``exit`` leaves; anything else is not its turn."""
+        if isinstance(line, p.TooLong):
+            self.send(conn, p.err_line(p.ERR_TOO_LONG, self.opts.max_line))
+        elif p.is_exit(line):
+            self.log.event("leave", f"client {conn.label} left while waiting (exit)")
+            self.say_bye(conn, p.BYE_EXIT, "goodbye")
+        elif p.is_blank(line):
+            return
+        else:
+            self.send(conn, p.err_line(p.check_message(line) or p.ERR_NOT_YOUR_TURN))
+
+    def say_bye(self, conn: Conn, reason: str, text: str) -> None:
+        """Send the last line and move the client to closing (FIN, then wait for its close)."""
+        self.forget(conn)
+        conn.state = CLOSING
+        conn.inbox.clear()
+        conn.out += p.bye_line(reason, text)
+        conn.deadline = time.monotonic() + LINGER
+        self.closing[conn.fd] = conn
+        self.sel.modify(conn.fd, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_client)
+
+    def forget(self, conn: Conn) -> None:
+        """Remove the client from the handshake, waiting and closing tables."""
+        for table in (self.handshaking, self.waiting, self.closing):
+            table.pop(conn.fd, None)
+
+    def drop(self, conn: Conn) -> None:
+        """Close a client now, wherever it is in the parent."""
+        self.forget(conn)
+        self.sel.unregister(conn.fd)
+        conn.close()
+
+    # -- rooms ---------------------------------------------------------------------------
+
+    def open_rooms(self) -> None:
+        """Pair waiting clients in arrival order while there is a free room."""
+        while (
+            len(self.waiting) >= 2 and len(self.rooms) < self.opts.max_rooms and not self.stopping
+        ):
+            fds = iter(self.waiting)
+            first, second = self.waiting[next(fds)], self.waiting[next(fds)]
+            self.open_room(first, second)
+
+    def open_room(self, first: Conn, second: Conn) -> None:
+        """Fork a worker for the pair; the parent then closes its copies of both sockets."""
+        self.room_count += 1
+        number = self.room_count
+        clients = MP.Value("i", 2, lock=False)
+        for conn in (first, second):
+            self.forget(conn)
+            self.sel.unregister(conn.fd)
+            conn.state = IN_ROOM
+        proc = MP.Process(
+            target=self.become_room,
+            args=(number, first, second, clients),
+            name=f"forkchat-room-{number}",
+            daemon=True,
+        )
+        if not self.fork_worker(proc):
+            self.refuse_pair(first, second)
+            return
+        for conn in (first, second):
+            conn.close()
+        label = f"{first.label} + {second.label}"
+        self.rooms[proc.sentinel] = RoomProc(number, proc, clients, label)
+        self.sel.register(proc.sentinel, selectors.EVENT_READ, self.on_sentinel)
+        self.log.event("room", f"room {number} opened pid {proc.pid}: {label}")
+
+    def fork_worker(self, proc: Any) -> bool:
+        """Start ``proc`` with the parent's signals blocked, so none lands in a half-made
+        worker, and with the heap frozen, so the child's gc does not copy it. False if the
+        fork failed."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
+        gc.freeze()
+        try:
+            proc.start()
+        except OSError as exc:
+            self.log.error(f"cannot fork a room worker: {exc.strerror or exc}")
+            return False
+        finally:
+            gc.unfreeze()
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return True
+
+    def refuse_pair(self, first: Conn, second: Conn) -> None:
+        """The fork failed: tell both, the server goes on."""
+        for conn in (first, second):
+            conn.state = HANDSHAKE  # any state the parent owns, so say_bye can take it
+            self.register(conn)
+            self.say_bye(conn, p.BYE_ERROR, "could not open a room, try again later")
+
+    def become_room(self, number: int, first: Conn, second: Conn, clients: Any) -> None:
+        """Child side of the fork: drop everything of the parent's but the pair, then relay.
+
+        Runs in the new process; its return value becomes the exit status via SystemExit.
+        """
+        reset_inherited_signals()
+        self.close_inherited(keep=(first, second))
+        log = Log(f"room {number} pid {os.getpid()}", self.log.color, self.log.stream)
+        sys.exit(run_room(number, first, second, clients, self.opts.idle_timeout, log))
+
+    def close_inherited(self, keep: tuple[Conn, Conn]) -> None:
+        """In a new worker: close the listener, the wakeup pair, the selector (without
+        touching the parent's epoll set), other clients' sockets and sibling rooms' pipes."""
+        self.sel.close()
+        self.close()
+        for table in (self.handshaking, self.waiting, self.closing):
+            for conn in table.values():
+                if conn not in keep:
+                    conn.close()
+            table.clear()
+        for room in self.rooms.values():
+            for fd in parent_pipe_fds(room.proc):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.rooms.clear()
+
+    def on_sentinel(self, key: Any, mask: int) -> None:
+        self.reap_room(key.fd)
+
+    def reap_room(self, sentinel: int) -> None:
+        """A worker has exited: join it, log an abnormal exit, free its room."""
+        room = self.rooms.pop(sentinel)
+        self.sel.unregister(sentinel)
+        room.proc.join()
+        code = room.proc.exitcode
+        if code:
+            self.log.error(f"room {room.number} worker pid {room.proc.pid} {describe_exit(code)}")
+        room.clients.value = 0
+        room.proc.close()
+        self.open_rooms()
+
+    def kill_stragglers(self) -> None:
+        """Shutdown deadline passed: SIGKILL the rooms still there, close lingering clients."""
+        for room in list(self.rooms.values()):
+            self.log.error(f"room {room.number} pid {room.proc.pid} did not stop; killing it")
+            room.proc.kill()
+            room.proc.join(STOP_GRACE)
+            self.reap_room(room.proc.sentinel)
+        for conn in list(self.closing.values()):
+            self.drop(conn)
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def read_signals(self, key: Any = None, mask: int = 0) -> None:
+        """Dispatch every signal number the wakeup fd received, in order."""
+        try:
+            data = self.wake_r.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            name = signal.Signals(signum).name
+            getattr(self, "handle_" + name[3:].lower())()
+
+    def handle_usr2(self) -> None:
+        """SIGUSR2: the number of connected clients, then rooms, waiting and handshaking."""
+        self.reap_finished()
+        self.log.plain(f"NUMBER OF CLIENTS : ** {self.count_clients()} **")
+        self.log.plain(
+            f"rooms {len(self.rooms)}, waiting {len(self.waiting)}, "
+            f"handshaking {len(self.handshaking)}"
+        )
+
+    def handle_usr1(self) -> None:
+        self.begin_shutdown("SIGUSR1")
+
+    def handle_term(self) -> None:
+        self.begin_shutdown("SIGTERM")
+
+    def handle_int(self) -> None:
+        self.begin_shutdown("SIGINT")
+
+    def count_clients(self) -> int:
+        """Clients connected now: handshaking, waiting, and each room's own count."""
+        in_rooms = sum(max(0, room.clients.value) for room in self.rooms.values())
+        return len(self.handshaking) + len(self.waiting) + in_rooms
+
+    def reap_finished(self) -> None:
+        """Reap the workers that exited but whose sentinel the loop has not seen yet."""
+        ready = [fd for fd, room in self.rooms.items() if room.proc.exitcode is not None]
+        for fd in ready:
+            self.reap_room(fd)
+
+    def begin_shutdown(self, why: str) -> None:
+        """Stop accepting, say BYE to every client the parent holds, stop every room."""
+        if self.stopping:
+            self.log.event("info", f"{why} during shutdown: already stopping")
+            return
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + STOP_GRACE
+        self.log.event("close", f"{why}: shutting down")
+        if not self.accept_resume:
+            self.sel.unregister(self.listener)
+        self.accept_resume = 0.0
+        self.listener.close()
+        for conn in [*self.handshaking.values(), *self.waiting.values()]:
+            self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
+        for room in self.rooms.values():
+            try:
+                os.kill(room.proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+
+def parent_pipe_fds(proc: Any) -> tuple[int, ...]:
+    """The parent's ends of a worker's two pipes: its sentinel, and the write end whose
+    close tells the worker the parent died. A newer worker must close both, or an older
+    one would never see the parent die. CPython's fork Popen keeps them as the arguments
+    of its finalizer; the sentinel alone is the public fallback."""
+    finalizer = getattr(getattr(proc, "_popen", None), "finalizer", None)
+    args = getattr(finalizer, "_args", None)
+    if isinstance(args, tuple) and all(isinstance(fd, int) for fd in args):
+        return args
+    return (proc.sentinel,)
+
+
+def describe_exit(code: int) -> str:
+    """``exited with status 3`` or ``killed by SIGKILL`` for a Process.exitcode."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def write_pidfile(path: str) -> None:
+    """Write our PID atomically; refuse if the file names another live process."""
+    try:
+        with open(path) as f:
+            other = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        other = 0
+    if other and other != os.getpid() and pid_alive(other):
+        raise OSError(f"pidfile {path} names running process {other}")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_pidfile(path: str) -> None:
+    """Remove the pidfile if it still names us."""
+    try:
+        with open(path) as f:
+            if int(f.read().strip()) == os.getpid():
+                os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``bin/server``. Returns the exit status."""
+    try:
+        opts = parse_options(argv)
+    except UsageError as exc:
+        print(f"forkchat server: {exc} (see --help)", file=sys.stderr)
+        return EXIT_USAGE
+    log = Log("server", want_color(sys.stdout, opts.no_color))
+    server = Server(opts, log)
+    try:
+        server.start()
+        if opts.pidfile:
+            write_pidfile(opts.pidfile)
+    except OSError as exc:
+        where = f"{opts.host}:{opts.port}"
+        print(f"forkchat server: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        server.close()
+        return EXIT_FAILURE
+    try:
+        return server.serve_forever()
+    finally:
+        server.close()
+        if opts.pidfile:
+            remove_pidfile(opts.pidfile)
