@@ -21,7 +21,9 @@ def no_leftover_processes():
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(left, timeout=5)
-    assert not left, f"processes left behind: {[(p.pid, p.info if hasattr(p, 'info') else '') for p in left]}"
+    assert not left, (
+        f"processes left behind: {[(p.pid, p.info if hasattr(p, 'info') else '') for p in left]}"
+    )
 
 
 @pytest.fixture

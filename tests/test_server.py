@@ -1,0 +1,279 @@
+"""The core server against real processes over real sockets: pairing, turns, relay, exit."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pexpect
+import psutil
+import pytest
+
+from support import BIN, DEADLINE, Peer, ServerProc, child_env, pair, socket_fds, wait_until
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"
+
+
+def run_server_cli(*args: str, timeout: float = DEADLINE) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BIN / "server"), *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=timeout,
+        start_new_session=True,
+    )
+
+
+def test_listen_line_is_first_and_names_the_pid(server):
+    assert re.fullmatch(
+        rf"forkchat server listening on 127\.0\.0\.1:{server.port} pid {server.pid}",
+        server.out.lines[0],
+    )
+
+
+def test_pairs_in_arrival_order_and_first_writes_first(server):
+    a, b = pair(server.address, "alice", "bob")
+    c = Peer(server.address, "carol")
+    c.expect("WAIT ")
+    d = Peer(server.address, "dave")
+    d.expect("PAIRED carol", "TURN READ")
+    c.expect("PAIRED dave", "TURN WRITE")
+    # Two rooms, two workers, both children of the server.
+    wait_until(lambda: len(server.children()) == 2, what="two room workers")
+    for peer in (a, b, c, d):
+        peer.close()
+
+
+def test_message_is_relayed_byte_for_byte_and_turns_swap(server):
+    a, b = pair(server.address)
+    text = "  héllo\twörld €  ".encode()
+    a.send(text + b"\r\n")  # the CR before LF is dropped, nothing else is touched
+    a.expect("TURN READ")
+    assert b.raw_line() == b"MSG " + text
+    b.expect("TURN WRITE")
+    b.send("reply")
+    b.expect("TURN READ")
+    a.expect("MSG reply", "TURN WRITE")
+
+
+def test_reader_gets_not_your_turn_and_turn_is_unchanged(server):
+    a, b = pair(server.address)
+    b.send("me first")
+    b.expect("ERR not-your-turn")
+    a.send("no, me")
+    a.expect("TURN READ")
+    b.expect("MSG no, me", "TURN WRITE")
+
+
+def test_blank_lines_are_ignored(server):
+    a, b = pair(server.address)
+    a.send(b"\n   \n\t\r\n")
+    b.send(b"\n")
+    a.send("real")
+    a.expect("TURN READ")  # nothing came back for the blank lines
+    b.expect("MSG real", "TURN WRITE")
+
+
+@pytest.mark.parametrize("leaver", ["writer", "reader"])
+def test_exit_at_any_time_ends_the_room_for_both(server, leaver):
+    a, b = pair(server.address)
+    gone, stays = (a, b) if leaver == "writer" else (b, a)
+    gone.send("  exit ")
+    gone.expect("BYE exit")
+    stays.expect("BYE partner-exit")
+    gone.expect_closed()
+    stays.expect_closed()
+    server.out.wait_for(r"room 1 closed")
+    worker = server.children()
+    gone.close()
+    stays.close()
+    psutil.wait_procs(worker, timeout=DEADLINE)
+    assert not server.children()
+    assert "exited with status" not in server.out.text()
+
+
+def test_vanished_partner_gives_partner_lost(server):
+    a, b = pair(server.address)
+    a.close()
+    b.expect("BYE partner-lost")
+    b.expect_closed()
+
+
+def test_waiting_client_that_leaves_is_never_paired(server):
+    a = Peer(server.address, "alice")
+    a.expect("WAIT ")
+    a.close()
+    server.out.wait_for(r"client disconnected alice 127\.0\.0\.1:\d+ \(while waiting\)")
+    b = Peer(server.address, "bob")
+    b.expect("WAIT ")
+    c = Peer(server.address, "carol")
+    c.expect("PAIRED bob", "TURN READ")
+    b.expect("PAIRED carol", "TURN WRITE")
+
+
+def test_exit_while_waiting_gets_bye_exit(server):
+    a = Peer(server.address, "alice")
+    a.expect("WAIT ")
+    a.send("exit")
+    a.expect("BYE exit")
+    a.expect_closed()
+
+
+def test_bytes_sent_with_the_name_are_handled_in_the_room(server):
+    a = Peer(server.address, "alice")
+    a.expect("WAIT ")
+    b = Peer(server.address)
+    b.send(b"bob\nnot yet\nexit\n")  # one segment: name, an off-turn line, exit
+    b.expect("PAIRED alice", "TURN READ", "ERR not-your-turn", "BYE exit")
+    a.expect("PAIRED bob", "TURN WRITE", "BYE partner-exit")
+
+
+def test_waiting_client_writing_is_told_not_your_turn(server):
+    a = Peer(server.address, "alice")
+    a.expect("WAIT ")
+    a.send("anyone?")
+    a.expect("ERR not-your-turn")
+    b = Peer(server.address, "bob")
+    b.expect("PAIRED alice")
+    a.expect("PAIRED bob", "TURN WRITE")
+
+
+def test_silent_client_does_not_delay_anyone(server):
+    silent = socket.create_connection(server.address, timeout=DEADLINE)
+    half = socket.create_connection(server.address, timeout=DEADLINE)
+    half.sendall(b"bo")  # half a name, no LF
+    a, b = pair(server.address)
+    a.send("still here")
+    b.expect("MSG still here")
+    silent.close()
+    half.close()
+
+
+def test_room_worker_holds_only_its_two_sockets(server):
+    rooms = [pair(server.address, f"a{i}", f"b{i}") for i in range(3)]
+    waiting = Peer(server.address, "w")
+    waiting.expect("WAIT ")
+    wait_until(lambda: len(server.children()) == 3, what="three workers")
+    for worker in server.children():
+        assert socket_fds(worker.pid) == 2
+        # Nothing of the parent's: no listener, and few fds whatever the sibling count.
+        assert not [c for c in worker.net_connections() if c.status == psutil.CONN_LISTEN]
+        assert worker.num_fds() <= 14
+    # The parent kept no copy of the paired sockets: listener, wakeup pair, the waiting one.
+    assert socket_fds(server.pid) == 4
+    for x, y in rooms:
+        x.close()
+        y.close()
+
+
+def test_log_has_one_timestamped_line_per_event(server):
+    a, b = pair(server.address)
+    a.send("exit")
+    b.expect("BYE partner-exit")
+    out = server.out
+    peer = r"127\.0\.0\.1:\d+"
+    out.wait_for(rf"^{STAMP} \[server\] client connected {peer}$")
+    out.wait_for(rf"^{STAMP} \[server\] client named alice {peer}$")
+    opened = out.wait_for(
+        rf"^{STAMP} \[server\] room 1 opened pid (\d+): alice {peer} \+ bob {peer}$"
+    )
+    pid = opened.group(1)
+    out.wait_for(rf"^{STAMP} \[room 1 pid {pid}\] alice {peer} left \(exit\)$")
+    out.wait_for(rf"^{STAMP} \[room 1 pid {pid}\] room 1 closed: alice left$")
+    assert "\x1b" not in out.text()
+
+
+def test_log_is_coloured_on_a_terminal_only_when_allowed():
+    def first_events(*args: str, **env: str) -> str:
+        environ = child_env(**env)
+        if "NO_COLOR" not in env:
+            del environ["NO_COLOR"]
+        child = pexpect.spawn(
+            sys.executable,
+            [str(BIN / "server"), "--port", "0", *args],
+            env=environ,
+            timeout=DEADLINE,
+        )
+        try:
+            child.expect(r"listening on 127\.0\.0\.1:(\d+)")
+            port = int(child.match.group(1))
+            with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE):
+                child.expect("client connected")
+            return child.before.decode() + child.after.decode()
+        finally:
+            child.kill(signal.SIGKILL)
+            child.close()
+
+    assert "\x1b[" in first_events()
+    assert "\x1b[" not in first_events("--no-color")
+    assert "\x1b[" not in first_events(NO_COLOR="1")
+
+
+def test_help_and_version():
+    usage = run_server_cli("-h")
+    assert usage.returncode == 0 and "--max-line" in usage.stdout
+    version = run_server_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("forkchat ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--port", "abc"],
+        ["--port", "70000"],
+        ["--max-line", "-3"],
+        ["--name-timeout", "nan"],
+        ["--idle-timeout", "soon"],
+        ["--max-rooms", "0"],
+        ["--bogus"],
+    ],
+)
+def test_bad_values_get_one_line_and_no_traceback(args):
+    result = run_server_cli(*args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_port_in_use_is_one_line_and_status_1(server):
+    result = run_server_cli("--port", str(server.port))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{server.port}" in lines[0], result.stderr
+    assert "in use" in lines[0]
+
+
+def test_unbindable_address_is_one_line_and_status_1():
+    result = run_server_cli("--host", "192.0.2.1", "--port", "0")  # TEST-NET: not ours
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_log_is_flushed_line_by_line_on_a_pipe():
+    # child_env() removes PYTHONUNBUFFERED; without a flush per line this would time out.
+    assert "PYTHONUNBUFFERED" not in child_env()
+    srv = ServerProc("--no-color")
+    try:
+        with socket.create_connection(srv.address, timeout=DEADLINE):
+            srv.out.wait_for("client connected")
+    finally:
+        srv.stop()
+
+
+def test_worker_exit_status_is_zero_after_a_normal_room(server):
+    a, b = pair(server.address)
+    worker = server.children()[0]
+    b.close()
+    a.expect("BYE partner-lost")
+    a.close()
+    psutil.wait_procs([worker], timeout=DEADLINE)
+    # The parent reaped it (no zombie) and logged nothing abnormal.
+    wait_until(lambda: not server.children(), what="worker reaped")
+    assert "exited with status" not in server.out.text()
+    assert os.path.exists(f"/proc/{server.pid}")
