@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import psutil
 import pytest
 
 from support import ServerProc
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture(scope="session", autouse=True)
+def adopt_orphans():
+    """Make the test process the subreaper of everything it starts: a room worker
+    orphaned by its server's death is re-parented here, so the leftover check sees it
+    and the test can reap it (PID 1 of a container may not)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 @pytest.fixture(autouse=True)

@@ -102,8 +102,10 @@ class OutputTail:
 class ServerProc:
     """A ``bin/server`` process started on a free loopback port."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, preexec=None) -> None:
-        cmd = [sys.executable, str(BIN / "server"), "--port", "0", *args]
+    def __init__(
+        self, *args: str, port: int = 0, env: dict[str, str] | None = None, preexec=None
+    ) -> None:
+        cmd = [sys.executable, str(BIN / "server"), "--port", str(port), *args]
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
