@@ -25,6 +25,7 @@ HANDSHAKE = "handshake"
 WAITING = "waiting"
 CLOSING = "closing"
 IN_ROOM = "in-room"
+GONE = "gone"
 
 
 def out_limit_for(max_line: int) -> int:

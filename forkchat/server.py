@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import multiprocessing.sharedctypes  # imported now: lazily, at the first room, fds may be short
 import os
+import resource
 import selectors
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +45,7 @@ from . import __version__
 from . import protocol as p
 from .conn import (
     CLOSING,
+    GONE,
     HANDSHAKE,
     IN_ROOM,
     WAITING,
@@ -67,6 +71,10 @@ STOP_GRACE = 5.0  # seconds rooms get to say BYE at shutdown before they are kil
 
 class UsageError(Exception):
     """A bad command line: reported in one line, exit status 2."""
+
+
+class StartupError(Exception):
+    """The server cannot start (address, pidfile): reported in one line, exit status 1."""
 
 
 @dataclass(frozen=True)
@@ -170,10 +178,17 @@ class Server:
     # -- start and stop ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind, install the signal plumbing, announce. Raises OSError if it cannot bind."""
-        self.listener = make_listener(self.opts.host, self.opts.port)
+        """Bind, write the pidfile, install the signal plumbing, then announce the listen
+        line: once it is printed, everything is ready. Raises OSError on failure."""
+        try:
+            self.listener = make_listener(self.opts.host, self.opts.port)
+        except OSError as exc:
+            where = f"{self.opts.host}:{self.opts.port}"
+            raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         host, port = self.listener.getsockname()[:2]
         self.address = format_peer((host, port))
+        if self.opts.pidfile:
+            write_pidfile(self.opts.pidfile)
         self.sel.register(self.listener, selectors.EVENT_READ, self.accept_clients)
         self.install_signals()
         self.log.plain(f"forkchat server listening on {self.address} pid {os.getpid()}")
@@ -329,10 +344,13 @@ class Server:
         self.sel.modify(conn.fd, want, self.on_client)
 
     def send(self, conn: Conn, data: bytes) -> None:
-        """Queue output for a client in the parent; a client that does not read is dropped."""
+        """Send to a client in the parent now, queueing what the socket does not take;
+        a client whose unsent output passes the bound is dropped."""
         if not conn.queue(data):
             self.log.event("leave", f"client dropped {conn.label}: output not read")
             self.drop(conn)
+            return
+        self.write_client(conn)
 
     def handle_inbox(self, conn: Conn) -> None:
         """Handle complete lines while the client is the parent's; the rest goes to its room."""
@@ -371,8 +389,13 @@ class Server:
             self.tell_waiting(conn)
 
     def tell_waiting(self, conn: Conn) -> None:
-        if len(self.waiting) >= 2 and len(self.rooms) >= self.opts.max_rooms:
+        """WAIT for a newly named client; when it completes a pair that has no free room,
+        its partner-to-be hears that too."""
+        if len(self.waiting) % 2 == 0 and len(self.rooms) >= self.opts.max_rooms:
             text = f"all {self.opts.max_rooms} rooms are busy, you are in line"
+            newest = reversed(self.waiting.values())
+            next(newest)  # conn itself
+            self.send(next(newest), p.wait_line(text))
         else:
             text = "waiting for a partner"
         self.log.event("name", f"{conn.label} waiting ({text})")
@@ -409,6 +432,7 @@ class Server:
         """Close a client now, wherever it is in the parent."""
         self.forget(conn)
         self.sel.unregister(conn.fd)
+        conn.state = GONE
         conn.close()
 
     # -- rooms ---------------------------------------------------------------------------
@@ -426,20 +450,15 @@ class Server:
         """Fork a worker for the pair; the parent then closes its copies of both sockets."""
         self.room_count += 1
         number = self.room_count
-        clients = MP.Value("i", 2, lock=False)
         for conn in (first, second):
             self.forget(conn)
             self.sel.unregister(conn.fd)
             conn.state = IN_ROOM
-        proc = MP.Process(
-            target=self.become_room,
-            args=(number, first, second, clients),
-            name=f"forkchat-room-{number}",
-            daemon=True,
-        )
-        if not self.fork_worker(proc):
+        started = self.start_worker(number, first, second)
+        if started is None:
             self.refuse_pair(first, second)
             return
+        proc, clients = started
         for conn in (first, second):
             conn.close()
         label = f"{first.label} + {second.label}"
@@ -447,21 +466,48 @@ class Server:
         self.sel.register(proc.sentinel, selectors.EVENT_READ, self.on_sentinel)
         self.log.event("room", f"room {number} opened pid {proc.pid}: {label}")
 
-    def fork_worker(self, proc: Any) -> bool:
-        """Start ``proc`` with the parent's signals blocked, so none lands in a half-made
-        worker, and with the heap frozen, so the child's gc does not copy it. False if the
-        fork failed."""
+    def start_worker(self, number: int, first: Conn, second: Conn) -> tuple[Any, Any] | None:
+        """Fork the room worker and its shared client count. None if it cannot be done
+        now (out of fds, processes or memory); nothing is left half made.
+
+        Signals are blocked around the fork so none lands in a half-made worker, and the
+        heap is frozen so the child's gc never touches (and copies) the parent's objects.
+        """
         old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
         gc.freeze()
         try:
+            clients = MP.Value("i", 2, lock=False)
+            proc = MP.Process(
+                target=self.become_room,
+                args=(number, first, second, clients),
+                name=f"forkchat-room-{number}",
+                daemon=True,
+            )
             proc.start()
         except OSError as exc:
             self.log.error(f"cannot fork a room worker: {exc.strerror or exc}")
-            return False
+            self.close_stray_pipes()
+            return None
         finally:
             gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        return True
+        return proc, clients
+
+    def close_stray_pipes(self) -> None:
+        """After a failed start: close the pipes multiprocessing made before fork() failed.
+
+        The parent's only pipes are its rooms' (see ``parent_pipe_fds``); any other pipe
+        above stderr was left behind by the failed start and would leak on every retry.
+        """
+        known = {fd for room in self.rooms.values() for fd in parent_pipe_fds(room.proc)}
+        for fd in open_fds():
+            if fd <= 2 or fd in known:
+                continue
+            try:
+                if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    os.close(fd)
+            except OSError:
+                pass
 
     def refuse_pair(self, first: Conn, second: Conn) -> None:
         """The fork failed: tell both, the server goes on."""
@@ -597,6 +643,23 @@ def parent_pipe_fds(proc: Any) -> tuple[int, ...]:
     return (proc.sentinel,)
 
 
+def open_fds() -> list[int]:
+    """This process's open file descriptors; works even when none is left to list them."""
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # EMFILE: probe each number up to the limit instead
+        limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 16)
+        return [fd for fd in range(limit) if fd_is_open(fd)]
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def describe_exit(code: int) -> str:
     """``exited with status 3`` or ``killed by SIGKILL`` for a Process.exitcode."""
     if code < 0:
@@ -608,18 +671,22 @@ def describe_exit(code: int) -> str:
 
 
 def write_pidfile(path: str) -> None:
-    """Write our PID atomically; refuse if the file names another live process."""
+    """Write our PID atomically. Raises StartupError if the file names another live
+    process or cannot be written."""
     try:
         with open(path) as f:
             other = int(f.read().strip() or 0)
     except (OSError, ValueError):
         other = 0
     if other and other != os.getpid() and pid_alive(other):
-        raise OSError(f"pidfile {path} names running process {other}")
+        raise StartupError(f"pidfile {path} names running process {other}")
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StartupError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
 
 
 def remove_pidfile(path: str) -> None:
@@ -653,11 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(opts, log)
     try:
         server.start()
-        if opts.pidfile:
-            write_pidfile(opts.pidfile)
-    except OSError as exc:
-        where = f"{opts.host}:{opts.port}"
-        print(f"forkchat server: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+    except StartupError as exc:
+        print(f"forkchat server: {exc}", file=sys.stderr)
         server.close()
         return EXIT_FAILURE
     try:

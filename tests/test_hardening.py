@@ -1,0 +1,549 @@
+"""Hardening against real processes: limits, timeouts, slow consumers, faults, hostile input."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from forkchat.conn import KEEPALIVE_IDLE, tune_socket
+from support import BIN, DEADLINE, Peer, ServerProc, child_env, pair, socket_fds, wait_until
+
+
+def raw_connect(address: tuple[str, int]) -> socket.socket:
+    return socket.create_connection(address, timeout=DEADLINE)
+
+
+def expect_room_works(address: tuple[str, int], a: str = "ctl1", b: str = "ctl2") -> None:
+    """A fresh pair can still chat: the server is alive and unaffected."""
+    x, y = pair(address, a, b)
+    x.send("still ok")
+    y.expect("MSG still ok", "TURN WRITE")
+    x.close()
+    y.close()
+
+
+# -- options ------------------------------------------------------------------------------
+
+
+def test_pidfile_is_written_at_start_and_removed_at_clean_exit(tmp_path):
+    pidfile = tmp_path / "forkchat.pid"
+    srv = ServerProc("--no-color", "--pidfile", str(pidfile))
+    try:
+        assert pidfile.read_text().strip() == str(srv.pid)
+        srv.signal(signal.SIGTERM)
+        assert srv.wait_exit() == 0
+        assert not pidfile.exists()
+    finally:
+        srv.stop()
+
+
+def test_pidfile_of_a_live_server_is_refused(tmp_path):
+    pidfile = tmp_path / "forkchat.pid"
+    pidfile.write_text(f"{os.getpid()}\n")  # a live process: this test
+    result = subprocess.run(
+        [sys.executable, str(BIN / "server"), "--port", "0", "--pidfile", str(pidfile)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=DEADLINE,
+    )
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "pidfile" in result.stderr
+    assert pidfile.read_text().strip() == str(os.getpid())
+
+
+# -- framing --------------------------------------------------------------------------------
+
+
+def test_too_long_line_is_refused_and_the_room_goes_on():
+    srv = ServerProc("--no-color", "--max-line", "64")
+    try:
+        a, b = pair(srv.address)
+        a.send("x" * 65)
+        a.expect("ERR too-long")
+        a.send("x" * 64)
+        a.expect("TURN READ")
+        b.expect("MSG " + "x" * 64, "TURN WRITE")
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("where", ["room", "waiting"])
+def test_ten_megabytes_without_lf_never_grow_memory(server, where):
+    if where == "room":
+        a, b = pair(server.address)
+        holder = server.children()[0]
+    else:
+        a = Peer(server.address, "alice")
+        a.expect("WAIT ")
+        holder = psutil.Process(server.pid)
+    before = holder.memory_info().rss
+    chunk = b"y" * 65536
+    for _ in range(160):  # 10 MiB, no LF
+        a.send(chunk)
+    a.send(b"\n")
+    a.expect("ERR too-long")
+    growth = holder.memory_info().rss - before
+    assert growth < 2 * 1024 * 1024, f"grew by {growth} bytes"
+    # One ERR for the whole line, and the connection goes on.
+    if where == "room":
+        a.send("after")
+        a.expect("TURN READ")
+        b.expect("MSG after")
+    else:
+        a.send("exit")
+        a.expect("BYE exit")
+
+
+def test_bad_encoding_bad_chars_and_line_endings(server):
+    a, b = pair(server.address)
+    a.send(b"\xff\xfebad\n")
+    a.expect("ERR bad-encoding")
+    a.send(b"\xc3\n")  # half a character, then the line ends
+    a.expect("ERR bad-encoding")
+    for bad in (b"bell\x07", b"esc\x1b[2J", b"del\x7f", b"nul\x00"):
+        a.send(bad + b"\n")
+        a.expect("ERR bad-char")
+    # A character split across two segments is fine; CR-LF and LF both end a line.
+    euro = "€".encode()
+    a.send(b"price " + euro[:1])
+    a.send(euro[1:] + b"5\r\n")
+    a.expect("TURN READ")
+    assert b.raw_line() == b"MSG price \xe2\x82\xac5"
+    b.expect("TURN WRITE")
+    b.send(b"tab\tok\n")
+    b.expect("TURN READ")
+    assert a.raw_line() == b"MSG tab\tok"
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", [b"has space", b"x" * 33, b"\xc3\xa9t\xc3\xa9", b"esc\x1b[31m", b"semi;colon"]
+)
+def test_bad_names_get_bye_bad_name_with_the_rule(server, name):
+    peer = Peer(server.address)
+    peer.send(name + b"\n")
+    line = peer.line()
+    assert line.startswith("BYE bad-name ") and "32" in line, line
+    peer.expect_closed()
+
+
+def test_silent_and_half_named_clients_time_out_without_delaying_others():
+    srv = ServerProc("--no-color", "--name-timeout", "1")
+    try:
+        silent = Peer(srv.address)
+        half = Peer(srv.address)
+        half.send(b"bo")
+        started = time.monotonic()
+        a, b = pair(srv.address)  # pairing is not held up by the silent ones
+        assert time.monotonic() - started < 1.0
+        silent.expect("BYE timeout")
+        half.expect("BYE timeout")
+        silent.expect_closed()
+        a.send("hi")
+        b.expect("MSG hi")
+    finally:
+        srv.stop()
+
+
+# -- rooms ----------------------------------------------------------------------------------
+
+
+def test_idle_room_is_closed_with_bye_timeout():
+    srv = ServerProc("--no-color", "--idle-timeout", "0.5")
+    try:
+        a, b = pair(srv.address)
+        a.expect("BYE timeout")
+        b.expect("BYE timeout")
+        a.expect_closed()
+        srv.out.wait_for("room 1 closed: idle timeout")
+    finally:
+        srv.stop()
+
+
+def test_full_rooms_make_pairs_wait_and_open_in_order():
+    srv = ServerProc("--no-color", "--max-rooms", "1")
+    try:
+        a, b = pair(srv.address)
+        c = Peer(srv.address, "carol")
+        c.expect("WAIT waiting for a partner")
+        d = Peer(srv.address, "dave")
+        d.expect("WAIT all 1 rooms are busy")
+        c.expect("WAIT all 1 rooms are busy")
+        e = Peer(srv.address, "erin")
+        e.expect("WAIT ")
+        f = Peer(srv.address, "frank")
+        f.expect("WAIT all 1 rooms are busy")
+        e.expect("WAIT all 1 rooms are busy")
+        a.send("exit")
+        b.expect("BYE partner-exit")
+        a.close()
+        b.close()
+        c.expect("PAIRED dave", "TURN WRITE")  # first in line, first in the room
+        d.expect("PAIRED carol", "TURN READ")
+        c.send("exit")
+        d.expect("BYE partner-exit")
+        c.close()
+        d.close()
+        e.expect("PAIRED frank", "TURN WRITE")
+        f.expect("PAIRED erin", "TURN READ")
+    finally:
+        srv.stop()
+
+
+def test_past_max_waiting_new_clients_get_bye_full():
+    srv = ServerProc("--no-color", "--max-rooms", "1", "--max-waiting", "2")
+    try:
+        busy = pair(srv.address)  # the only room, kept busy
+        c = Peer(srv.address, "carol")
+        c.expect("WAIT ")
+        d = Peer(srv.address, "dave")
+        d.expect("WAIT ")
+        c.expect("WAIT all 1 rooms are busy")  # dave completed carol's pair
+        e = Peer(srv.address, "erin")
+        e.expect("BYE full")
+        e.expect_closed()
+        c.send("exit")  # room for one more
+        c.expect("BYE exit")
+        f = Peer(srv.address, "frank")
+        f.expect("WAIT ")
+        assert len(busy) == 2
+    finally:
+        srv.stop()
+
+
+# -- slow consumers -----------------------------------------------------------------------
+
+
+def flood_until_partner_lost(flooder: socket.socket, partner: Peer) -> None:
+    """Send off-turn lines without ever reading, until the partner hears BYE partner-lost."""
+    flooder.setblocking(False)
+    burst = b"not my turn\n" * 4096
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            flooder.send(burst)
+        except BlockingIOError:
+            pass
+        except OSError:
+            break  # the server dropped us
+        ready, _, _ = select.select([partner.sock], [], [], 0.01)
+        if ready:
+            break
+    partner.expect("BYE partner-lost")
+
+
+def small_buffers_peer(address: tuple[str, int], name: str) -> Peer:
+    peer = Peer.__new__(Peer)
+    peer.sock = socket.socket()
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peer.sock.settimeout(DEADLINE)
+    peer.sock.connect(address)
+    peer.buf = b""
+    peer.hello = peer.line()
+    peer.send(name)
+    return peer
+
+
+def test_flooding_reader_is_dropped_and_partner_told(server):
+    a = Peer(server.address, "alice")
+    a.expect("WAIT ")
+    b = small_buffers_peer(server.address, "bob")
+    b.expect("PAIRED alice")
+    a.expect("PAIRED bob", "TURN WRITE")
+    other_a, other_b = pair(server.address, "c", "d")
+    flood_until_partner_lost(b.sock, a)
+    server.out.wait_for(r"bob .* dropped: more than \d+ bytes unread")
+    other_a.send("unaffected")  # the other room never stalled
+    other_b.expect("MSG unaffected")
+
+
+def test_flooding_waiting_client_is_dropped_by_the_parent(server):
+    a, b = pair(server.address)
+    w = small_buffers_peer(server.address, "w")
+    w.expect("WAIT ")
+    w.sock.setblocking(False)
+    burst = b"hello?\n" * 8192
+    deadline = time.monotonic() + 20
+    dropped = False
+    while time.monotonic() < deadline and not dropped:
+        try:
+            w.sock.send(burst)
+        except BlockingIOError:
+            select.select([], [w.sock], [], 0.05)
+        except OSError:
+            dropped = True
+        dropped = dropped or server.out.count(r"client dropped w ") > 0
+    server.out.wait_for(r"client dropped w .*output not read")
+    a.send("parent never blocked")
+    b.expect("MSG parent never blocked")
+
+
+# -- faults --------------------------------------------------------------------------------
+
+
+def test_reset_mid_room_gives_partner_lost(server):
+    a, b = pair(server.address)
+    a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a.close()  # RST, not FIN
+    b.expect("BYE partner-lost")
+    expect_room_works(server.address)
+
+
+def test_client_sockets_use_keepalive_and_nodelay():
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    tune_socket(conn)
+    assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+    assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    for s in (conn, client, listener):
+        s.close()
+
+
+def test_vanished_client_without_fin_is_closed_by_the_idle_timeout():
+    srv = ServerProc("--no-color", "--idle-timeout", "1")
+    try:
+        a, b = pair(srv.address)
+        worker = srv.children()[0]
+        # b "vanishes": it neither reads nor closes; a is still there.
+        a.send("anyone?")
+        a.expect("TURN READ")
+        a.expect("BYE timeout")
+        psutil.wait_procs([worker], timeout=DEADLINE)
+        b.close()
+    finally:
+        srv.stop()
+
+
+def test_out_of_file_descriptors_pauses_accepting_and_recovers():
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
+
+    srv = ServerProc("--no-color", preexec=low_fd_limit)
+    try:
+        socks = [raw_connect(srv.address) for _ in range(30)]
+        srv.out.wait_for("accept failed .*pausing accepts")
+        cpu_before = psutil.Process(srv.pid).cpu_times()
+        # While out of fds the server must sleep, not spin on the listener.
+        waiter = raw_connect(srv.address)
+        started = time.monotonic()
+        waiter.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            waiter.recv(100)
+        cpu = psutil.Process(srv.pid).cpu_times()
+        spent = (cpu.user + cpu.system) - (cpu_before.user + cpu_before.system)
+        assert spent < 0.5 * (time.monotonic() - started)
+        for s in socks:
+            s.close()
+        waiter.settimeout(DEADLINE)
+        assert waiter.recv(100).startswith(b"HELLO ")  # served again once fds are free
+        waiter.close()
+        assert srv.proc.poll() is None
+        expect_room_works(srv.address)
+    finally:
+        srv.stop()
+
+
+def test_failed_room_start_tells_the_pair_and_server_goes_on():
+    """Out of fds at the moment of pairing: the worker cannot be started."""
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
+
+    srv = ServerProc("--no-color", preexec=low_fd_limit)
+    try:
+        base = psutil.Process(srv.pid).num_fds()
+        a = Peer(srv.address, "alice")
+        a.expect("WAIT ")
+        fillers = [raw_connect(srv.address) for _ in range(24 - base - 2)]
+        for s in fillers:
+            assert s.recv(100).startswith(b"HELLO")
+        b = Peer(srv.address, "bob")
+        a.expect("BYE error")
+        b.expect("BYE error")
+        srv.out.wait_for("cannot fork a room worker")
+        for s in fillers:
+            s.close()
+        wait_until(lambda: psutil.Process(srv.pid).num_fds() <= base, what="fds released")
+        expect_room_works(srv.address)
+    finally:
+        srv.stop()
+
+
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.mark.skipif(not os.access(PIDS_CGROUP, os.W_OK), reason="no writable pids cgroup")
+def test_fork_failure_tells_the_pair_and_leaks_nothing():
+    group = PIDS_CGROUP / f"forkchat-test-{os.getpid()}"
+    group.mkdir()
+    srv = None
+    try:
+        srv = ServerProc("--no-color")
+        (group / "pids.max").write_text("1")
+        (group / "cgroup.procs").write_text(str(srv.pid))
+        base = None
+        for i in range(4):
+            a = Peer(srv.address, f"a{i}")
+            a.expect("WAIT ")
+            b = Peer(srv.address, f"b{i}")
+            a.expect("BYE error")
+            b.expect("BYE error")
+            a.expect_closed()
+            b.expect_closed()
+            a.close()
+            b.close()
+            # After the first try (which creates the shared-memory arena for the
+            # counts), every failed fork must leave the fd count where it was.
+            if base is None:
+                srv.out.wait_for("cannot fork a room worker")
+                wait_until(lambda: socket_fds(srv.pid) == 3, what="pair closed")
+                base = psutil.Process(srv.pid).num_fds()
+        wait_until(lambda: socket_fds(srv.pid) == 3, what="pairs closed")
+        assert psutil.Process(srv.pid).num_fds() == base
+        (PIDS_CGROUP / "cgroup.procs").write_text(str(srv.pid))
+        expect_room_works(srv.address)
+    finally:
+        if srv is not None:
+            if srv.proc.poll() is None:
+                (PIDS_CGROUP / "cgroup.procs").write_text(str(srv.pid))
+            srv.stop()
+        group.rmdir()
+
+
+def test_random_bytes_never_kill_the_server_or_other_rooms(server):
+    rng = random.Random(20261125)
+    a, b = pair(server.address, "steady1", "steady2")
+    for round_no in range(40):
+        s = raw_connect(server.address)
+        for _ in range(rng.randrange(1, 6)):
+            size = rng.randrange(1, 9000)
+            s.sendall(bytes(rng.randrange(256) for _ in range(size)))
+        if round_no % 3 == 0:  # some of them hang up abruptly
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    # Random bytes inside a room too.
+    x, y = pair(server.address, "fx", "fy")
+    x.send(bytes(rng.randrange(256) for _ in range(20000)))
+    y.send(bytes(rng.randrange(256) for _ in range(20000)))
+    a.send("steady")
+    b.expect("MSG steady", "TURN WRITE")
+    assert server.proc.poll() is None
+    assert "crashed" not in server.out.text() and "Traceback" not in server.err.text()
+    expect_room_works(server.address)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl/8\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) * 2,
+    ],
+    ids=["http", "tls"],
+)
+def test_misdirected_http_or_tls_client_is_turned_away(payload):
+    srv = ServerProc("--no-color", "--name-timeout", "1")
+    try:
+        s = raw_connect(srv.address)
+        s.sendall(payload)
+        data = b""
+        while not data.endswith(b"\n") or b"BYE" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert b"BYE bad-name" in data or b"BYE timeout" in data, data
+        s.close()
+        expect_room_works(srv.address)
+    finally:
+        srv.stop()
+
+
+def test_a_thousand_connects_at_once_are_all_served():
+    srv = ServerProc("--no-color", "--max-rooms", "20")
+    socks = []
+    try:
+        for _ in range(1000):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(srv.address)
+            socks.append(s)
+        for i, s in enumerate(socks):
+            s.setblocking(True)
+            s.settimeout(DEADLINE)
+            s.sendall(f"u{i}\n".encode())
+        answered = 0
+        for s in socks:
+            data = b""
+            while data.count(b"\n") < 2:
+                chunk = s.recv(4096)
+                assert chunk, "connection refused or closed"
+                data += chunk
+            second = data.split(b"\n")[1]
+            assert second.startswith((b"WAIT ", b"PAIRED ")), second
+            answered += 1
+        assert answered == 1000
+        assert "BYE full" not in srv.out.text()
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
+def test_soak_leaves_nothing_behind_and_delivers_every_message_once_in_order(server):
+    """A few hundred short rooms, some clients misbehaving; then compare with the start."""
+    rng = random.Random(7)
+    expect_room_works(server.address, "warm1", "warm2")
+    parent = psutil.Process(server.pid)
+    wait_until(lambda: not server.children(), what="warm-up room reaped")
+    fds_before, rss_before = parent.num_fds(), parent.memory_info().rss
+    for i in range(150):
+        a, b = pair(server.address, f"a{i}", f"b{i}")
+        kind = rng.choice(["chat", "chat", "chat", "vanish", "reset", "flood", "garbage"])
+        if kind == "chat":
+            for n in range(4):
+                writer, reader = (a, b) if n % 2 == 0 else (b, a)
+                writer.send(f"m{i}.{n}")
+                writer.expect("TURN READ")
+                assert reader.line() == f"MSG m{i}.{n}"
+                reader.expect("TURN WRITE")
+            a.send("exit")
+            a.expect("BYE exit")
+            b.expect("BYE partner-exit")
+        elif kind == "vanish":
+            a.close()
+            b.expect("BYE partner-lost")
+        elif kind == "reset":
+            b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            b.close()
+            a.expect("BYE partner-lost")
+        elif kind == "flood":
+            b.send(b"off turn\n" * 50)
+            a.send("exit")
+            a.expect("BYE exit")
+        else:
+            a.send(bytes(rng.randrange(256) for _ in range(500)) + b"\n")
+            b.send("exit")
+            b.expect("BYE exit")
+        a.close()
+        b.close()
+    wait_until(lambda: not server.children(), timeout=30, what="every room reaped")
+    assert not [c for c in parent.children() if c.status() == psutil.STATUS_ZOMBIE]
+    assert parent.num_fds() == fds_before
+    assert parent.memory_info().rss - rss_before < 4 * 1024 * 1024
