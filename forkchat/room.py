@@ -54,6 +54,7 @@ class Room:
         self.last_message = time.monotonic()
         self.ended = False
         self.wake_r = -1
+        self.events = [selectors.EVENT_READ, selectors.EVENT_READ]  # registered, per conn
 
     def partner(self, conn: Conn) -> Conn:
         return self.conns[1] if conn is self.conns[0] else self.conns[0]
@@ -180,14 +181,21 @@ class Room:
             self.lose(conn, f"dropped: more than {conn.out_limit} bytes unread")
 
     def flush_all(self) -> None:
-        for conn in self.conns:
+        """Send pending output; watch for writability only while some is left over.
+
+        The selector is changed only when the wanted events change: re-arming epoll on
+        every message would cost two syscalls per relay.
+        """
+        for i, conn in enumerate(self.conns):
             try:
                 done = conn.flush()
             except OSError:
                 self.lose(conn, "connection reset")
                 return
             events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
-            self.sel.modify(conn.fd, events, conn)
+            if events != self.events[i]:
+                self.events[i] = events
+                self.sel.modify(conn.fd, events, conn)
 
     # -- the end --------------------------------------------------------------------------
 
