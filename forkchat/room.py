@@ -138,7 +138,7 @@ class Room:
 
     def handle_readable(self, conn: Conn) -> None:
         if not conn.receive():
-            self.lose(conn, "disconnected without exit")
+            self.lose(conn, "vanished without exit")
             return
         self.handle_inbox(conn)
 
@@ -156,7 +156,6 @@ class Room:
                 conn: (p.BYE_EXIT, "goodbye"),
                 partner: (p.BYE_PARTNER_EXIT, f"{conn.name} left the chat"),
             }
-            self.log.event("leave", f"{conn.label} left (exit)")
             self.end(f"{conn.name} left", byes)
         elif p.is_blank(line):
             return
@@ -203,7 +202,7 @@ class Room:
         """``gone`` vanished (or was dropped): close it now, tell the partner."""
         if self.ended:
             return
-        self.log.event("leave", f"{gone.label} {why}")
+        self.log.event("leave", f"client disconnected {gone.label} ({why})")
         self.clients.value = 1
         self.sel.unregister(gone.fd)
         gone.close()
@@ -219,6 +218,7 @@ class Room:
         # never sees itself counted.
         self.clients.value = 0
         for conn, (reason, text) in byes.items():
+            self.log.event("leave", f"client disconnected {conn.label} ({reason})")
             conn.out += p.bye_line(reason, text)
         self.linger(list(byes))
         for conn in self.conns:

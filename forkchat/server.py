@@ -242,8 +242,7 @@ class Server:
         now = time.monotonic()
         while self.handshaking and (conn := next(iter(self.handshaking.values()))).deadline <= now:
             text = f"no name within {self.opts.name_timeout:g} s"
-            self.log.event("leave", f"{conn.label} timed out: {text}")
-            self.say_bye(conn, p.BYE_TIMEOUT, text)
+            self.say_bye(conn, p.BYE_TIMEOUT, text, why=f"timeout: {text}")
         while self.closing and (conn := next(iter(self.closing.values()))).deadline <= now:
             self.drop(conn)
         if self.accept_resume and now >= self.accept_resume:
@@ -323,9 +322,8 @@ class Server:
                 return False
             return True
         if not conn.receive():
-            where = "before sending a name" if conn.state == HANDSHAKE else "while waiting"
-            self.log.event("leave", f"client disconnected {conn.label} ({where})")
-            self.drop(conn)
+            where = "before naming" if conn.state == HANDSHAKE else "while waiting"
+            self.drop(conn, f"closed {where}")
             return False
         self.handle_inbox(conn)
         return conn.state != IN_ROOM
@@ -335,8 +333,7 @@ class Server:
         try:
             done = conn.flush()
         except OSError:
-            self.log.event("leave", f"client disconnected {conn.label} (connection reset)")
-            self.drop(conn)
+            self.drop(conn, "connection reset")
             return
         if done and conn.state == CLOSING:
             conn.shut_write()
@@ -347,8 +344,7 @@ class Server:
         """Send to a client in the parent now, queueing what the socket does not take;
         a client whose unsent output passes the bound is dropped."""
         if not conn.queue(data):
-            self.log.event("leave", f"client dropped {conn.label}: output not read")
-            self.drop(conn)
+            self.drop(conn, f"dropped: more than {conn.out_limit} bytes unread")
             return
         self.write_client(conn)
 
@@ -366,19 +362,15 @@ class Server:
         if isinstance(line, bytes) and p.is_blank(line):
             return
         if isinstance(line, bytes) and p.is_exit(line):
-            self.log.event("leave", f"client {conn.peer} left before naming (exit)")
             self.say_bye(conn, p.BYE_EXIT, "goodbye")
             return
         name = p.parse_name(line) if isinstance(line, bytes) else None
         if name is None:
-            self.log.event("leave", f"client {conn.peer} refused: bad name")
             self.say_bye(conn, p.BYE_BAD_NAME, f"a name is {p.NAME_RULE}")
             return
         if len(self.waiting) >= self.opts.max_waiting:
-            self.log.event(
-                "leave", f"client {name} {conn.peer} refused: {len(self.waiting)} waiting"
-            )
-            self.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later")
+            why = f"full: {len(self.waiting)} waiting, name {name}"
+            self.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
             return
         del self.handshaking[conn.fd]
         conn.name, conn.state = name, WAITING
@@ -406,15 +398,16 @@ class Server:
         if isinstance(line, p.TooLong):
             self.send(conn, p.err_line(p.ERR_TOO_LONG, self.opts.max_line))
         elif p.is_exit(line):
-            self.log.event("leave", f"client {conn.label} left while waiting (exit)")
             self.say_bye(conn, p.BYE_EXIT, "goodbye")
         elif p.is_blank(line):
             return
         else:
             self.send(conn, p.err_line(p.check_message(line) or p.ERR_NOT_YOUR_TURN))
 
-    def say_bye(self, conn: Conn, reason: str, text: str) -> None:
-        """Send the last line and move the client to closing (FIN, then wait for its close)."""
+    def say_bye(self, conn: Conn, reason: str, text: str, why: str = "") -> None:
+        """Log the departure, send the last line and move the client to closing (FIN,
+        then wait for its close). ``why`` is for the log; the BYE reason by default."""
+        self.log.event("leave", f"client disconnected {conn.label} ({why or reason})")
         self.forget(conn)
         conn.state = CLOSING
         conn.inbox.clear()
@@ -428,8 +421,11 @@ class Server:
         for table in (self.handshaking, self.waiting, self.closing):
             table.pop(conn.fd, None)
 
-    def drop(self, conn: Conn) -> None:
-        """Close a client now, wherever it is in the parent."""
+    def drop(self, conn: Conn, why: str = "") -> None:
+        """Close a client now, wherever it is in the parent; log why if it was still in
+        play (a closing client's departure is logged already)."""
+        if why:
+            self.log.event("leave", f"client disconnected {conn.label} ({why})")
         self.forget(conn)
         self.sel.unregister(conn.fd)
         conn.state = GONE

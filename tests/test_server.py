@@ -108,7 +108,7 @@ def test_waiting_client_that_leaves_is_never_paired(server):
     a = Peer(server.address, "alice")
     a.expect("WAIT ")
     a.close()
-    server.out.wait_for(r"client disconnected alice 127\.0\.0\.1:\d+ \(while waiting\)")
+    server.out.wait_for(r"client disconnected alice 127\.0\.0\.1:\d+ \(closed while waiting\)")
     b = Peer(server.address, "bob")
     b.expect("WAIT ")
     c = Peer(server.address, "carol")
@@ -183,7 +183,8 @@ def test_log_has_one_timestamped_line_per_event(server):
         rf"^{STAMP} \[server\] room 1 opened pid (\d+): alice {peer} \+ bob {peer}$"
     )
     pid = opened.group(1)
-    out.wait_for(rf"^{STAMP} \[room 1 pid {pid}\] alice {peer} left \(exit\)$")
+    out.wait_for(rf"^{STAMP} \[room 1 pid {pid}\] client disconnected alice {peer} \(exit\)$")
+    out.wait_for(rf"^{STAMP} \[room 1 pid {pid}\] client disconnected bob {peer} \(partner-exit\)$")
     out.wait_for(rf"^{STAMP} \[room 1 pid {pid}\] room 1 closed: alice left$")
     assert "\x1b" not in out.text()
 

@@ -45,7 +45,7 @@ def test_usr2_count_follows_every_kind_of_arrival_and_departure():
         shy.expect("BYE timeout")  # handshake timed out
         assert report(srv)[0] == 3
         w.close()
-        srv.out.wait_for("waiter .* \\(while waiting\\)")
+        srv.out.wait_for("waiter .* \\(closed while waiting\\)")
         assert report(srv)[:3] == (2, 1, 0)
         a.send("exit")
         a.expect("BYE exit")
