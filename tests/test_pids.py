@@ -1,0 +1,333 @@
+"""bin/pids against real processes: a server with rooms, a waiting client and clients that
+are processes of their own, and a listener shared after fork."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from forkchat import pids
+from support import BIN, DEADLINE, LISTEN_RE, OutputTail, child_env, reap_tree
+
+# A stand-in for bin/client: ``[NAME] --port PORT``. Prints its own address, sends the
+# name if given, then prints every line from the server until the server closes.
+CLIENT_CODE = """\
+import socket, sys
+args = sys.argv[1:]
+port = int(args.pop(args.index("--port") + 1))
+args.remove("--port")
+sock = socket.create_connection(("127.0.0.1", port))
+print("local %s:%d" % sock.getsockname()[:2], flush=True)
+if args:
+    sock.sendall(args[0].encode() + b"\\n")
+for line in sock.makefile("rb"):
+    print(line.decode().rstrip("\\n"), flush=True)
+"""
+
+# A listener shared after fork, held open by parent and child until stdin closes.
+SHARED_LISTENER_CODE = """\
+import os, socket, sys
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen()
+child = os.fork()
+if child == 0:
+    sys.stdin.buffer.read()
+    os._exit(0)
+print(sock.getsockname()[1], child, flush=True)
+sys.stdin.buffer.read()
+os.waitpid(child, 0)
+"""
+
+
+@dataclass
+class Client:
+    """A client process: its Popen, its output and its own address."""
+
+    name: str | None
+    proc: subprocess.Popen
+    out: OutputTail
+    address: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Clients:
+    """Starts client processes for a test and reaps every one of them by PID."""
+
+    def __init__(self, tmp_path: Path, port: int) -> None:
+        self.port = port
+        self.script = tmp_path / "bin" / "client"  # so its command line reads bin/client
+        self.script.parent.mkdir()
+        self.script.write_text(CLIENT_CODE)
+        self.started: list[Client] = []
+
+    def start(self, name: str | None, as_bin_client: bool = True) -> Client:
+        """Start one client; ``as_bin_client=False`` runs it as ``python -c`` instead,
+        a client whose name bin/pids cannot know."""
+        program = [str(self.script)] if as_bin_client else ["-c", CLIENT_CODE]
+        args = [name] if name else []
+        proc = subprocess.Popen(
+            [sys.executable, *program, *args, "--port", str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            start_new_session=True,
+        )
+        client = Client(name if as_bin_client else None, proc, OutputTail(proc.stdout))
+        self.started.append(client)
+        client.address = client.out.wait_for(r"^local (\S+)").group(1)
+        client.out.wait_for(r"^HELLO ")
+        return client
+
+    def reap(self) -> None:
+        for client in self.started:
+            reap_tree(client.proc)
+
+
+@pytest.fixture
+def clients(server, tmp_path):
+    crowd = Clients(tmp_path, server.port)
+    yield crowd
+    crowd.reap()
+
+
+@pytest.fixture
+def crowd(server, clients):
+    """Two rooms (alice+bob, carol+dave), a waiting client and a client without a name.
+
+    Returns (clients, {room pid: (first, second)}) once the server has logged both rooms,
+    that is once it has closed its own copies of the paired sockets.
+    """
+    alice = clients.start("alice")
+    alice.out.wait_for("^WAIT ")
+    bob = clients.start("bob")
+    carol = clients.start("carol")
+    carol.out.wait_for("^WAIT ")
+    dave = clients.start("dave")
+    for c in (alice, bob, carol, dave):
+        c.out.wait_for("^PAIRED ")
+    erin = clients.start("erin", as_bin_client=False)  # waiting, name not visible
+    erin.out.wait_for("^WAIT ")
+    frank = clients.start(None, as_bin_client=False)  # connected, no name sent yet
+    rooms = {}
+    for first, second in ((alice, bob), (carol, dave)):
+        m = server.out.wait_for(rf"room \d+ opened pid (\d+): {first.name} \S+ \+ {second.name} ")
+        rooms[int(m.group(1))] = (first, second)
+    return [alice, bob, carol, dave, erin, frank], rooms
+
+
+def run_pids(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BIN / "pids"), *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=DEADLINE,
+        start_new_session=True,
+    )
+
+
+def pids_json(port: int) -> list[dict]:
+    done = run_pids("--port", str(port), "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+# -- listing ------------------------------------------------------------------------------
+
+
+def test_json_reports_every_pid_right(server, crowd):
+    started, rooms = crowd
+    entries = pids_json(server.port)
+    assert [e["role"] for e in entries] == ["server", "room", "room", *["client"] * 6]
+    here = f"127.0.0.1:{server.port}"
+
+    srv = entries[0]
+    assert (srv["pid"], srv["ppid"], srv["address"]) == (server.pid, os.getpid(), here)
+    waiting = started[4:]  # erin and frank are still the parent's
+    assert srv["peers"] == sorted(c.address for c in waiting)
+
+    found_rooms = {e["pid"]: e for e in entries if e["role"] == "room"}
+    assert set(found_rooms) == set(rooms) == {p.pid for p in server.children()}
+    for pid, (first, second) in rooms.items():
+        room = found_rooms[pid]
+        assert room["ppid"] == server.pid and room["address"] == here
+        assert set(room["peers"]) == {first.address, second.address}
+        names = dict(zip(room["peers"], room["name"].split("+"), strict=True))
+        assert names == {first.address: first.name, second.address: second.name}
+        assert 0 <= room["age"] < DEADLINE
+
+    found_clients = {e["pid"]: e for e in entries if e["role"] == "client"}
+    assert set(found_clients) == {c.pid for c in started}
+    holders = {c.pid: pid for pid, pair in rooms.items() for c in pair}
+    for c in started:
+        entry = found_clients[c.pid]
+        assert (entry["ppid"], entry["name"]) == (os.getpid(), c.name)
+        assert (entry["address"], entry["peers"]) == (c.address, [here])
+        assert entry["holder"] == holders.get(c.pid, server.pid)
+
+
+def test_table_lists_the_same_processes(server, crowd):
+    started, rooms = crowd
+    done = run_pids("--port", str(server.port))
+    assert done.returncode == 0 and done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["ROLE", "PID", "PPID", "NAME", "ADDRESS", "PEER", "AGE"]
+    rows = [line.split() for line in lines[1:]]
+    me = os.getpid()
+    # A room's names follow its PEER column, sorted by address: compare them as a set.
+    got = {(f[0], int(f[1]), int(f[2]), frozenset(f[3].split("+"))) for f in rows}
+    want = {("server", server.pid, me, frozenset("-"))}
+    want |= {
+        ("room", pid, server.pid, frozenset((a.name, b.name))) for pid, (a, b) in rooms.items()
+    }
+    want |= {("client", c.pid, me, frozenset([c.name or "-"])) for c in started}
+    assert got == want and len(rows) == len(want)
+
+
+def test_default_port_is_33016():
+    assert pids.parse_options([]).port == 33016
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+
+def test_signal_usr2_makes_the_server_report(server, crowd):
+    mark = server.out.mark()
+    done = run_pids("--port", str(server.port), "--signal", "USR2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"sent SIGUSR2 to server pid {server.pid} (127.0.0.1:{server.port})\n"
+    server.out.wait_for(r"^NUMBER OF CLIENTS : \*\* 6 \*\*$", start=mark)
+    server.out.wait_for(r"^rooms 2, waiting 1, handshaking 1$", start=mark)
+
+
+@pytest.mark.parametrize("spelling", ["SIGUSR2", "12", "usr2"])
+def test_signal_spellings(server, spelling):
+    mark = server.out.mark()
+    done = run_pids("--port", str(server.port), "--signal", spelling)
+    assert done.returncode == 0 and "sent SIGUSR2 to server" in done.stdout
+    server.out.wait_for(r"^NUMBER OF CLIENTS : \*\* 0 \*\*$", start=mark)
+
+
+def test_signal_usr1_all_ends_every_process(server, crowd):
+    started, rooms = crowd
+    room_procs = [psutil.Process(pid) for pid in rooms]
+    done = run_pids("--port", str(server.port), "--signal", "USR1", "--all")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"sent SIGUSR1 to server pid {server.pid} (127.0.0.1:{server.port})"
+    assert len(lines) == 1 + len(started)
+    for c in started:  # sent, or the server's BYE ended it first: both are fine
+        pattern = rf"^(sent SIGUSR1 to|not sent SIGUSR1 to) client pid {c.pid} \(.*{c.address}\)"
+        assert any(re.match(pattern, line) for line in lines[1:]), (c.pid, lines)
+    assert server.wait_exit() == 0
+    server.out.wait_for("^SERVER WILL DISCONNECT$")
+    for c in started:
+        assert c.proc.wait(DEADLINE) in (0, -signal.SIGUSR1)
+    assert not any(p.is_running() for p in room_procs)
+    assert run_pids("--port", str(server.port)).returncode == 1
+
+
+def test_signal_with_json_reports_each_target(server, clients):
+    alice = clients.start("alice")
+    alice.out.wait_for("^WAIT ")
+    done = run_pids("--port", str(server.port), "--json", "--signal", "CONT", "--all")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [(r["role"], r["pid"], r["signal"], r["result"]) for r in report] == [
+        ("server", server.pid, "SIGCONT", "sent"),
+        ("client", alice.pid, "SIGCONT", "sent"),
+    ]
+
+
+def test_no_server_on_the_port_is_one_line_and_exit_1(server):
+    port = server.port
+    server.stop()
+    done = run_pids("--port", str(port), "--signal", "USR1")
+    assert done.returncode == 1 and done.stdout == ""
+    assert (
+        done.stderr
+        == f"forkchat pids: no server listening on port {port} (start one with make run)\n"
+    )
+
+
+@pytest.mark.parametrize("argv", [["--port", "abc"], ["--signal", "FOO"]])
+def test_bad_values_exit_2_without_traceback(argv):
+    done = run_pids(*argv)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+# -- a listener shared after fork -----------------------------------------------------------
+
+
+@pytest.fixture
+def shared_listener():
+    """(port, parent pid, child pid) of a process whose forked child holds its listener."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHARED_LISTENER_CODE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+        start_new_session=True,
+    )
+    try:
+        out = OutputTail(proc.stdout)
+        port, child = map(int, out.wait_for(r"^(\d+) (\d+)$").groups())
+        yield port, proc.pid, child
+        proc.stdin.close()  # both read stdin: EOF ends them, the parent reaps the child
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        reap_tree(proc)
+
+
+def roles(entries: list) -> list[tuple]:
+    return [(e["role"], e["pid"], e["ppid"]) for e in entries]
+
+
+def test_shared_listener_the_parent_is_the_server(shared_listener):
+    port, parent, child = shared_listener
+    # psutil's system-wide view credits the shared socket to one of the two holders.
+    credited = {
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+    assert len(credited) == 1 and credited <= {parent, child}
+    entries = pids_json(port)
+    assert roles(entries) == [("server", parent, os.getpid()), ("room", child, parent)]
+    assert entries[0]["address"] == f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("credit", ["child", "parent"])
+def test_shared_listener_whichever_holder_psutil_credits(shared_listener, credit):
+    """Deterministic: the system-wide view is rewritten to credit the child (what psutil
+    does when it scans the child last) or the parent; the server is the parent either way."""
+    port, parent, child = shared_listener
+    pid = {"child": child, "parent": parent}[credit]
+    conns = [
+        c._replace(pid=pid) if c.status == psutil.CONN_LISTEN and c.laddr.port == port else c
+        for c in psutil.net_connections(kind="tcp")
+    ]
+    entries = [e.to_json() for e in pids.survey(port, conns)]
+    assert roles(entries) == [("server", parent, os.getpid()), ("room", child, parent)]
+
+
+def test_server_listen_line_matches_what_pids_reports(server):
+    entries = pids_json(server.port)
+    m = LISTEN_RE.search(server.out.lines[0])
+    assert roles(entries) == [("server", int(m.group(3)), os.getpid())]
+    assert entries[0]["address"] == f"{m.group(1)}:{m.group(2)}"

@@ -1,0 +1,378 @@
+"""bin/pids, the pure parts: choosing the server, parsing, names, matching, output, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections import namedtuple
+
+import psutil
+import pytest
+
+from forkchat import pids
+from forkchat.pids import Entry
+from support import BIN, child_env
+
+Addr = namedtuple("Addr", "ip port")
+Conn = namedtuple("Conn", "fd family type laddr raddr status pid")
+
+
+def tcp(laddr: tuple, raddr: tuple | None, status: str, pid: int | None) -> Conn:
+    """A fake psutil.net_connections() entry."""
+    remote = Addr(*raddr) if raddr else ()
+    return Conn(-1, socket.AF_INET, socket.SOCK_STREAM, Addr(*laddr), remote, status, pid)
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- choosing the server -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listeners", "servers"),
+    [
+        ({100: 1}, [100]),  # one server
+        ({100: 1, 200: 100}, [100]),  # a fresh room still holds the listener
+        ({200: 100, 100: 1}, [100]),  # whichever order psutil found them in
+        ({100: 1, 200: 100, 300: 200}, [100]),  # a grandchild too
+        ({100: 1, 200: 100, 201: 100}, [100]),  # two fresh rooms
+        ({100: 1, 500: 2}, [100, 500]),  # two unrelated servers (e.g. IPv4 and IPv6)
+        ({}, []),
+    ],
+)
+def test_pick_servers_takes_the_listener_whose_parent_is_not_one(listeners, servers):
+    assert pids.pick_servers(listeners) == servers
+
+
+def test_find_servers_reports_a_listener_hidden_by_access_denied():
+    conns = [tcp(("127.0.0.1", 4000), None, psutil.CONN_LISTEN, None)]
+    with pytest.raises(pids.LookupFailed, match=r"cannot see \(access denied\)"):
+        pids.find_servers(conns, 4000)
+
+
+def test_find_servers_without_a_listener_says_so():
+    conns = [tcp(("127.0.0.1", 4001), None, psutil.CONN_LISTEN, os.getpid())]
+    with pytest.raises(pids.LookupFailed, match="no server listening on port 4000"):
+        pids.find_servers(conns, 4000)
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["USR2", "SIGUSR2", "12", "usr2", " sigusr2 "])
+def test_parse_signal_accepts_name_prefixed_name_and_number(text):
+    assert pids.parse_signal(text) == signal.SIGUSR2
+
+
+@pytest.mark.parametrize("text", ["FOO", "SIGFOO", "0", "999", "-12", ""])
+def test_parse_signal_refuses_unknown(text):
+    with pytest.raises(pids.UsageError, match="unknown signal"):
+        pids.parse_signal(text)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "abc"], "--port must be a number, not 'abc'"),
+        (["--port", "0"], "--port must be between 1 and 65535"),
+        (["--port", "65536"], "--port must be between 1 and 65535"),
+        (["--signal", "FOO"], "unknown signal 'FOO'"),
+        (["--all"], "--all goes with --signal"),
+        (["--bogus"], "unexpected argument --bogus"),
+        (["extra"], "unexpected argument extra"),
+        (["--port"], "--port requires argument"),
+    ],
+)
+def test_bad_command_line_is_one_line_and_exit_2(argv, message, capsys):
+    assert pids.main(argv) == pids.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and message in err and err.startswith("forkchat pids: ")
+
+
+def test_options_are_converted():
+    opts = pids.parse_options(["--port", "4000", "--json", "--signal", "TERM", "--all"])
+    assert opts == pids.Options(4000, True, signal.SIGTERM, True)
+    assert pids.parse_options([]) == pids.Options(33016, False, None, False)
+
+
+@pytest.mark.parametrize(("flag", "text"), [("-h", "Usage:"), ("--version", "forkchat 1.")])
+def test_help_and_version_exit_0(flag, text):
+    done = subprocess.run(
+        [sys.executable, str(BIN / "pids"), flag],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=10,
+        start_new_session=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert text in done.stdout and done.stderr == ""
+
+
+def test_no_server_is_one_line_and_exit_1(capsys):
+    port = free_port()
+    assert pids.main(["--port", str(port)]) == pids.EXIT_FAILURE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"forkchat pids: no server listening on port {port} (start one with make run)\n"
+
+
+def test_listener_of_an_invisible_process_is_reported_as_such(monkeypatch, capsys):
+    hidden = [tcp(("127.0.0.1", 4000), None, psutil.CONN_LISTEN, None)]
+    monkeypatch.setattr(psutil, "net_connections", lambda kind: hidden)
+    assert pids.main(["--port", "4000"]) == pids.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "access denied" in err and err.count("\n") == 1
+
+
+def test_socket_list_refused_by_the_os_is_reported_as_such(monkeypatch, capsys):
+    def refuse(kind):
+        raise psutil.AccessDenied()
+
+    monkeypatch.setattr(psutil, "net_connections", refuse)
+    assert pids.main(["--port", "4000"]) == pids.EXIT_FAILURE
+    assert "access denied; run as root" in capsys.readouterr().err
+
+
+# -- names and addresses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "name"),
+    [
+        (["python", "/src/forkchat/bin/client", "alice"], "alice"),
+        (["python", "bin/client", "--port", "33016", "--host", "::1", "bob"], "bob"),
+        (["python", "bin/client", "--no-color", "carol", "--port", "1"], "carol"),
+        (["python", "bin/client"], "client"),
+        (["python", "bin/client", "--port", "33016"], "client"),
+        (["python", "bin/client", "--", "-dash-"], "-dash-"),
+        ([".venv/bin/python", ".venv/bin/forkchat-client", "dave"], "dave"),
+        (["python3", "-m", "forkchat.client", "erin"], "erin"),
+        (["nc", "127.0.0.1", "33016"], None),
+        (["python", "-c", "import socket"], None),
+        ([], None),
+    ],
+)
+def test_client_name_comes_from_a_forkchat_client_command_line(cmdline, name):
+    assert pids.client_name(cmdline) == name
+
+
+@pytest.mark.parametrize(
+    ("ip", "text"),
+    [
+        ("127.0.0.1", "127.0.0.1:33016"),
+        ("::ffff:127.0.0.1", "127.0.0.1:33016"),  # a dual-stack listener's view of IPv4
+        ("::1", "[::1]:33016"),
+    ],
+)
+def test_format_addr(ip, text):
+    assert pids.format_addr(Addr(ip, 33016)) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, "-"),
+        (-1, "0s"),
+        (0.4, "0s"),
+        (59, "59s"),
+        (60, "1m00s"),
+        (187, "3m07s"),
+        (3600 * 2 + 300, "2h05m"),
+        (86400 * 4 + 3 * 3600 + 59, "4d03h"),
+    ],
+)
+def test_format_age(seconds, text):
+    assert pids.format_age(seconds) == text
+
+
+# -- matching clients to the server and its rooms ----------------------------------------------
+
+
+def family(port: int, listen_ip: str = "127.0.0.1") -> list[Entry]:
+    """A server (pid 10, one waiting client) and a room (pid 11, two clients)."""
+    here = f"127.0.0.1:{port}"
+    server = Entry(
+        "server",
+        10,
+        1,
+        None,
+        f"{listen_ip}:{port}",
+        ["127.0.0.1:5003"],
+        9.0,
+        ends=[(here, "127.0.0.1:5003")],
+    )
+    room = Entry(
+        "room",
+        11,
+        10,
+        None,
+        here,
+        ["127.0.0.1:5001", "127.0.0.1:5002"],
+        3.0,
+        ends=[(here, "127.0.0.1:5001"), (here, "127.0.0.1:5002")],
+    )
+    return [server, room]
+
+
+def test_find_clients_matches_both_ends_and_the_listening_address():
+    me, port = os.getpid(), 4000
+    srv = ("127.0.0.1", port)
+    conns = [
+        tcp(("127.0.0.1", 5001), srv, psutil.CONN_ESTABLISHED, me),  # in the room
+        tcp(("127.0.0.1", 5002), srv, psutil.CONN_ESTABLISHED, None),  # in the room, hidden
+        tcp(("127.0.0.1", 5003), srv, psutil.CONN_ESTABLISHED, me),  # waiting
+        tcp(("127.0.0.1", 5004), srv, psutil.CONN_ESTABLISHED, me),  # not accepted yet
+        tcp(("127.0.0.1", 5005), srv, psutil.CONN_CLOSE_WAIT, me),  # server side gone
+        tcp(("10.0.0.9", 5006), ("10.0.0.7", port), psutil.CONN_ESTABLISHED, me),  # elsewhere
+        tcp(srv, ("127.0.0.1", 5001), psutil.CONN_ESTABLISHED, 11),  # the room's own end
+    ]
+    found = pids.find_clients(conns, family(port), now=0.0)
+    got = {(c.address, c.pid, c.holder, c.note) for c in found}
+    assert got == {
+        ("127.0.0.1:5001", me, 11, None),
+        ("127.0.0.1:5002", None, 11, "access denied"),
+        ("127.0.0.1:5003", me, 10, None),
+        ("127.0.0.1:5004", me, None, None),
+    }
+    assert all(c.role == "client" and c.peers == [f"127.0.0.1:{port}"] for c in found)
+
+
+def test_find_clients_of_a_wildcard_listener_needs_the_server_end():
+    me, port = os.getpid(), 4000
+    conns = [
+        tcp(("127.0.0.1", 5001), ("127.0.0.1", port), psutil.CONN_ESTABLISHED, me),
+        tcp(("127.0.0.1", 5009), ("127.0.0.1", port), psutil.CONN_ESTABLISHED, me),  # another
+    ]
+    found = pids.find_clients(conns, family(port, listen_ip="0.0.0.0"), now=0.0)
+    assert [(c.address, c.holder) for c in found] == [("127.0.0.1:5001", 11)]
+
+
+def test_rooms_are_named_after_their_known_clients_and_clients_follow_their_holder():
+    server, room = family(4000)
+    clients = [
+        Entry("client", 23, 1, None, "127.0.0.1:5003", [], 1.0, holder=10),
+        Entry("client", 22, 1, None, "127.0.0.1:5002", [], 1.0, holder=11),
+        Entry("client", 21, 1, "alice", "127.0.0.1:5001", [], 1.0, holder=11),
+    ]
+    pids.name_rooms([server, room], clients)
+    assert (server.name, room.name) == (None, "alice+?")
+    ordered = pids.order_clients(clients, [server, room])
+    assert [c.pid for c in ordered] == [21, 22, 23]
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def test_table_has_a_header_and_aligned_columns():
+    server, room = family(4000)
+    room.name = "alice+bob"
+    hidden = Entry(
+        "client", None, None, None, "127.0.0.1:5002", ["127.0.0.1:4000"], None, note="access denied"
+    )
+    lines = pids.render_table([server, room, hidden]).splitlines()
+    assert lines[0].split() == ["ROLE", "PID", "PPID", "NAME", "ADDRESS", "PEER", "AGE"]
+    assert lines[1].split() == ["server", "10", "1", "-", "127.0.0.1:4000", "127.0.0.1:5003", "9s"]
+    assert lines[2].split()[:4] == ["room", "11", "10", "alice+bob"]
+    assert lines[2].split()[4:] == ["127.0.0.1:4000", "127.0.0.1:5001", "127.0.0.1:5002", "3s"]
+    assert lines[3].split() == [
+        "client",
+        "?",
+        "?",
+        "(access",
+        "denied)",
+        "127.0.0.1:5002",
+        "127.0.0.1:4000",
+        "-",
+    ]
+    starts = {line.index(line.split()[1]) for line in lines}
+    assert len(starts) == 1, "the PID column is aligned"
+
+
+def test_many_peers_are_counted_in_the_table_and_listed_in_json():
+    server = Entry(
+        "server", 10, 1, None, "127.0.0.1:4000", [f"127.0.0.1:{p}" for p in range(5)], 1.0
+    )
+    assert "5 clients" in pids.render_table([server])
+    data = json.loads(pids.render_json([server]))
+    assert data[0]["peers"] == server.peers
+    assert set(data[0]) >= {"role", "pid", "ppid", "address", "name", "age"}
+    assert "proc" not in data[0] and "ends" not in data[0]
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+
+class Refusing:
+    """A psutil.Process stand-in whose owner is another user."""
+
+    def send_signal(self, sig):
+        raise psutil.AccessDenied(pid=1)
+
+
+def test_signal_targets_are_the_server_then_each_client_process_once():
+    server, room = family(4000)
+    a = Entry("client", 21, 1, None, "127.0.0.1:5001", [], 1.0)
+    a2 = Entry("client", 21, 1, None, "127.0.0.1:5002", [], 1.0)  # same process, 2 sockets
+    b = Entry("client", 23, 1, None, "127.0.0.1:5003", [], 1.0)
+    entries = [server, room, a, a2, b]
+    assert pids.signal_targets(entries, everyone=False) == [server]
+    assert pids.signal_targets(entries, everyone=True) == [server, a, b]
+
+
+def test_a_process_gone_before_the_signal_is_reported_not_a_crash(capsys):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+        env=child_env(),
+    )
+    looked_up = psutil.Process(proc.pid)
+    proc.stdin.close()
+    proc.wait(10)  # exited and reaped: its PID may even be reused, psutil notices
+    server = Entry("server", os.getpid(), 1, None, "127.0.0.1:4000", [], 1.0, proc=psutil.Process())
+    gone = Entry("client", proc.pid, 1, None, "127.0.0.1:5001", [], 1.0, proc=looked_up)
+    opts = pids.Options(4000, False, signal.SIGCONT, True)  # harmless to the test itself
+    assert pids.signal_entries([server, gone], opts) == pids.EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"sent SIGCONT to server pid {os.getpid()} (127.0.0.1:4000)"
+    assert out[1] == f"not sent SIGCONT to client pid {proc.pid} (127.0.0.1:5001): it has exited"
+
+
+def test_a_server_gone_before_the_signal_is_exit_1(capsys):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+        env=child_env(),
+    )
+    looked_up = psutil.Process(proc.pid)
+    proc.stdin.close()
+    proc.wait(10)
+    server = Entry("server", proc.pid, 1, None, "127.0.0.1:4000", [], 1.0, proc=looked_up)
+    opts = pids.Options(4000, True, signal.SIGUSR2, False)
+    assert pids.signal_entries([server], opts) == pids.EXIT_FAILURE
+    report = json.loads(capsys.readouterr().out)
+    assert report[0]["pid"] == proc.pid and report[0]["result"] == "gone"
+
+
+def test_another_users_process_is_reported_as_access_denied(capsys):
+    server = Entry("server", 10, 1, None, "127.0.0.1:4000", [], 1.0, proc=Refusing())
+    hidden = Entry("client", None, None, None, "127.0.0.1:5001", [], None, note="access denied")
+    opts = pids.Options(4000, False, signal.SIGUSR1, True)
+    assert pids.signal_entries([server, hidden], opts) == pids.EXIT_FAILURE
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "not sent SIGUSR1 to server pid 10 (127.0.0.1:4000): access denied, another user's process",
+        "not sent SIGUSR1 to client pid ? (127.0.0.1:5001): access denied, another user's process",
+    ]
