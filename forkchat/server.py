@@ -519,6 +519,7 @@ class Server:
         """
         reset_inherited_signals()
         self.close_inherited(keep=(first, second))
+        set_process_name("forkchat-room")
         log = Log(f"room {number} pid {os.getpid()}", self.log.color, self.log.stream)
         sys.exit(run_room(number, first, second, clients, self.opts.idle_timeout, log))
 
@@ -639,6 +640,15 @@ def parent_pipe_fds(proc: Any) -> tuple[int, ...]:
     return (proc.sentinel,)
 
 
+def set_process_name(name: str) -> None:
+    """Name this process for ``top`` and ``ps -o comm`` (Linux, 15 bytes); best effort."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
 def open_fds() -> list[int]:
     """This process's open file descriptors; works even when none is left to list them."""
     try:
@@ -712,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"forkchat server: {exc} (see --help)", file=sys.stderr)
         return EXIT_USAGE
+    set_process_name("forkchat-server")
     log = Log("server", want_color(sys.stdout, opts.no_color))
     server = Server(opts, log)
     try:

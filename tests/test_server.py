@@ -278,3 +278,12 @@ def test_worker_exit_status_is_zero_after_a_normal_room(server):
     wait_until(lambda: not server.children(), what="worker reaped")
     assert "exited with status" not in server.out.text()
     assert os.path.exists(f"/proc/{server.pid}")
+
+
+def test_processes_are_named_for_top(server):
+    """The original had you find PIDs with top: they show as forkchat-server/-room."""
+    a, b = pair(server.address)
+    assert psutil.Process(server.pid).name() == "forkchat-server"
+    assert [c.name() for c in server.children()] == ["forkchat-room"]
+    a.close()
+    b.close()
