@@ -2,13 +2,13 @@
 
 Modules, one per role:
 
+- ``cli``      the server's command line (docopt) and ``main``
 - ``server``   the parent: listen, accept, names, waiting queue, pairing, reaping, signals
 - ``room``     the room worker: relay and turns between the two clients of one pair
 - ``protocol`` the wire protocol: framing, validation, the lines
 - ``conn``     one client connection: non-blocking socket, line reader, bounded output
-- ``census``   the shared, lock-free count of connected clients
 - ``log``      timestamped event lines on stdout
-- ``client``   the interactive and scripted client
+- ``client``   the interactive and scripted client; ``lineedit`` its terminal line editor
 - ``pids``     the psutil-based PID helper
 - ``bench``    the benchmark
 """
