@@ -34,6 +34,7 @@ from .conn import (
     is_fd_exhaustion,
     tune_socket,
 )
+from .fdmap import FdMap
 from .log import Log
 from .room import LINGER, PARENT_SIGNALS, reset_inherited_signals, run_room
 
@@ -117,6 +118,9 @@ class Server:
         self.stop_deadline = 0.0
         self.accept_resume = 0.0
         self.wake_r, self.wake_w = socket.socketpair()
+        self.fds = FdMap()  # every fd the parent owns, for new workers to close
+        for fd in (self.sel.fileno(), self.wake_r.fileno(), self.wake_w.fileno()):
+            self.fds.own(fd)
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -128,6 +132,7 @@ class Server:
         except OSError as exc:
             where = f"{self.opts.host}:{self.opts.port}"
             raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        self.fds.own(self.listener.fileno())
         host, port = self.listener.getsockname()[:2]
         self.address = format_peer((host, port))
         if self.opts.pidfile:
@@ -215,6 +220,7 @@ class Server:
             sock.close()
             return
         conn = Conn(sock, format_peer(addr), self.opts.max_line)
+        self.fds.own(conn.fd)
         self.log.event("connect", f"client connected {conn.peer}")
         conn.queue(p.hello_line())
         if len(self.handshaking) >= self.opts.max_waiting:
@@ -372,6 +378,7 @@ class Server:
         self.forget(conn)
         self.sel.unregister(conn.fd)
         conn.state = GONE
+        self.fds.disown(conn.fd)
         conn.close()
 
     # -- rooms ---------------------------------------------------------------------------
@@ -399,7 +406,10 @@ class Server:
             return
         proc, clients = started
         for conn in (first, second):
+            self.fds.disown(conn.fd)
             conn.close()
+        for fd in parent_pipe_fds(proc):
+            self.fds.own(fd)
         label = f"{first.label} + {second.label}"
         self.rooms[proc.sentinel] = RoomProc(number, proc, clients, label)
         self.sel.register(proc.sentinel, selectors.EVENT_READ, self.on_sentinel)
@@ -423,6 +433,7 @@ class Server:
                 daemon=True,
             )
             proc.start()
+            forget_child(proc)
         except OSError as exc:
             self.log.error(f"cannot fork a room worker: {exc.strerror or exc}")
             self.close_stray_pipes()
@@ -467,22 +478,10 @@ class Server:
         sys.exit(run_room(number, first, second, clients, self.opts.idle_timeout, log))
 
     def close_inherited(self, keep: tuple[Conn, Conn]) -> None:
-        """In a new worker: close the listener, the wakeup pair, the selector (without
-        touching the parent's epoll set), other clients' sockets and sibling rooms' pipes."""
-        self.sel.close()
-        self.close()
-        for table in (self.handshaking, self.waiting, self.closing):
-            for conn in table.values():
-                if conn not in keep:
-                    conn.close()
-            table.clear()
-        for room in self.rooms.values():
-            for fd in parent_pipe_fds(room.proc):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self.rooms.clear()
+        """In a new worker: close every fd the parent owns but the pair's two sockets
+        (listener, wakeup pair, selector, other clients, sibling rooms' pipes), by number,
+        without touching the objects that hold them (see ``fdmap``)."""
+        self.fds.close_all(keep=(keep[0].fd, keep[1].fd))
 
     def on_sentinel(self, key: Any, mask: int) -> None:
         self.reap_room(key.fd)
@@ -496,6 +495,8 @@ class Server:
         if code:
             self.log.error(f"room {room.number} worker pid {room.proc.pid} {describe_exit(code)}")
         room.clients.value = 0
+        for fd in parent_pipe_fds(room.proc):
+            self.fds.disown(fd)
         room.proc.close()
         self.open_rooms()
 
@@ -561,6 +562,7 @@ class Server:
         if not self.accept_resume:
             self.sel.unregister(self.listener)
         self.accept_resume = 0.0
+        self.fds.disown(self.listener.fileno())
         self.listener.close()
         for conn in [*self.handshaking.values(), *self.waiting.values()]:
             self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
@@ -569,6 +571,18 @@ class Server:
                 os.kill(room.proc.pid, signal.SIGUSR1)
             except ProcessLookupError:
                 pass
+
+
+def forget_child(proc: Any) -> None:
+    """Take a started worker out of multiprocessing's set of children.
+
+    ``Process.start()`` polls every child in that set (a waitpid each) before it forks,
+    which makes each fork cost as much as the rooms already open. Rooms are reaped here
+    through their sentinels and ``join()``, which do not need the set.
+    """
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        children.discard(proc)
 
 
 def parent_pipe_fds(proc: Any) -> tuple[int, ...]:
