@@ -9,6 +9,7 @@ not yet handled and output not yet sent all survive the hand-over.
 from __future__ import annotations
 
 import errno
+import selectors
 import socket
 from collections import deque
 
@@ -57,6 +58,8 @@ class Conn:
 
     __slots__ = (
         "deadline",
+        "eof",
+        "events",
         "fd",
         "inbox",
         "name",
@@ -81,6 +84,8 @@ class Conn:
         self.state = HANDSHAKE
         self.deadline = 0.0
         self.wr_shut = False
+        self.eof = False  # the peer closed its side (seen while closing ours)
+        self.events = 0  # what the owner's selector watches for on this socket now
 
     def __repr__(self) -> str:
         return f"<Conn {self.label} {self.state}>"
@@ -133,14 +138,38 @@ class Conn:
             except OSError:
                 pass
 
-    def drain(self) -> bool:
-        """Read and discard input while closing. False once the peer has closed too."""
+    def peer_closed(self) -> bool:
+        """True if the peer has already closed or reset (a peek; nothing is consumed)."""
         try:
-            return bool(self.sock.recv(RECV_SIZE))
+            return not self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
             return False
+        except OSError:
+            return True
+
+    def closing_events(self) -> int:
+        """What a closing connection waits for: to write what is left, and the peer's FIN."""
+        return (0 if self.eof else selectors.EVENT_READ) | (
+            selectors.EVENT_WRITE if self.out else 0
+        )
+
+    def close_step(self, mask: int) -> bool:
+        """One step of a graceful close (after the BYE is queued): send what is left,
+        then FIN, reading and discarding input until the peer closes too. True when
+        there is nothing more to wait for: all sent and the peer closed, or an error."""
+        try:
+            if self.flush():
+                self.shut_write()
+        except OSError:
+            return True
+        if mask & selectors.EVENT_READ and not self.eof:
+            try:
+                self.eof = not self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return True
+        return self.eof and not self.out
 
     def close(self) -> None:
         """Close the socket; safe to call twice."""

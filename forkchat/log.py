@@ -25,9 +25,9 @@ _COLORS = {
 _RESET = "\033[0m"
 
 
-def want_color(stream: TextIO, no_color: bool) -> bool:
+def want_color(stream: TextIO | None, no_color: bool) -> bool:
     """Colour is for people: a terminal, and nobody asked for none."""
-    if no_color or os.environ.get("NO_COLOR"):
+    if stream is None or no_color or os.environ.get("NO_COLOR"):
         return False
     try:
         return stream.isatty()
@@ -41,7 +41,7 @@ class Log:
     def __init__(self, who: str, color: bool = False, stream: TextIO | None = None) -> None:
         self.who = who
         self.color = color
-        self.stream = stream if stream is not None else sys.stdout
+        self.stream = stream if stream is not None else sys.stdout  # None: stdout closed
 
     def event(self, kind: str, text: str) -> None:
         """Log one event; ``kind`` picks the colour (connect, name, room, leave, close, ...)."""
@@ -53,7 +53,13 @@ class Log:
         self.plain(line)
 
     def plain(self, text: str) -> None:
-        """Write a line as it is (reports), flushed at once; a closed stdout is ignored."""
+        """Write text as it is (reports; may hold several lines), in one flushed write.
+
+        A closed stdout is ignored. Writes block: a reader that stops reading (a
+        paused pager) pauses the process, as for any program writing to a pipe.
+        """
+        if self.stream is None:
+            return
         try:
             self.stream.write(text + "\n")
             self.stream.flush()
@@ -62,3 +68,7 @@ class Log:
 
     def error(self, text: str) -> None:
         self.event("error", text)
+
+    def departure(self, label: str, why: str) -> None:
+        """The one form of the "client disconnected" line, parent and rooms alike."""
+        self.event("leave", f"client disconnected {label} ({why})")

@@ -16,7 +16,7 @@ PROTOCOL_VERSION = 1
 DEFAULT_MAX_LINE = 4096
 NAME_MAX = 32
 NAME_RULE = "1 to 32 characters, each a letter, a digit, _, - or ."
-_NAME_RE = re.compile(rb"[A-Za-z0-9_.-]{1,32}")
+_NAME_RE = re.compile(rb"[A-Za-z0-9_.-]{1,%d}" % NAME_MAX)
 # C0 controls other than TAB, and DEL: refused in messages (ERR bad-char).
 _BAD_CHAR_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -34,6 +34,12 @@ ERR_NOT_YOUR_TURN = "not-your-turn"
 ERR_TOO_LONG = "too-long"
 ERR_BAD_ENCODING = "bad-encoding"
 ERR_BAD_CHAR = "bad-char"
+ERR_CODES = frozenset({ERR_NOT_YOUR_TURN, ERR_TOO_LONG, ERR_BAD_ENCODING, ERR_BAD_CHAR})
+
+# What the server does with a chat line (see judge_line); any other verdict is an ERR code.
+LEAVE = "leave"
+IGNORE = "ignore"
+RELAY = "relay"
 
 # BYE reasons: the last line before the server closes the connection.
 BYE_EXIT = "exit"
@@ -150,6 +156,19 @@ def check_message(line: bytes) -> str | None:
     return None
 
 
+def judge_line(line: bytes | TooLong, my_turn: bool) -> str:
+    """The protocol's rules for a chat line, in order: LEAVE for ``exit`` (at any time),
+    IGNORE for a blank line, RELAY for a valid message on the sender's turn, else the
+    ERR code that refuses it (too-long, bad-encoding, bad-char, not-your-turn)."""
+    if isinstance(line, TooLong):
+        return ERR_TOO_LONG
+    if is_exit(line):
+        return LEAVE
+    if is_blank(line):
+        return IGNORE
+    return check_message(line) or (RELAY if my_turn else ERR_NOT_YOUR_TURN)
+
+
 def parse_name(line: bytes) -> str | None:
     """Return the user name carried by a first line, or None if it breaks the rule.
 
@@ -184,6 +203,10 @@ def paired_line(partner: str) -> bytes:
 def turn_line(write: bool) -> bytes:
     """``TURN WRITE`` or ``TURN READ``."""
     return make_line(TURN, "WRITE" if write else "READ")
+
+
+TURN_WRITE_LINE = turn_line(write=True)
+TURN_READ_LINE = turn_line(write=False)
 
 
 def msg_line(message: bytes) -> bytes:

@@ -1,14 +1,14 @@
 """The room worker: one forked process per pair, relaying lines and keeping the turns.
 
 The worker holds its two client sockets and nothing else of the parent's (the parent's
-``prepare_room_child`` closes the rest before :func:`run_room` is called). The first
+``Server.close_inherited`` closes the rest before :func:`run_room` is called). The first
 client to arrive writes first. After a message the writer gets ``TURN READ``; the reader
 gets ``MSG`` then ``TURN WRITE``. ``exit`` ends the room for both at any time.
 
 The number of this room's clients still connected lives in ``clients``, a lock-free
-``multiprocessing.Value`` that only this process writes and the parent only reads: a
-SIGKILL at any moment cannot leave a lock held, and the parent zeroes the room's share
-when it reaps the worker.
+``multiprocessing.Value``: the parent sets it to 2 before the fork and zeroes it when it
+reaps the worker; in between only this worker writes it. A SIGKILL at any moment
+cannot leave a lock held.
 """
 
 from __future__ import annotations
@@ -25,17 +25,23 @@ from .conn import Conn
 from .log import Log
 
 EXIT_OK = 0
-EXIT_CRASH = 70  # EX_SOFTWARE: a bug, logged without a traceback to the clients
+EXIT_CRASH = 70  # EX_SOFTWARE: a bug in the worker; logged in one line, pair told BYE error
 LINGER = 2.0  # seconds to deliver BYE and see the peer close before closing anyway
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-PARENT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+# Signals that end a room (and, in the parent, the server). SIGHUP: the terminal closed.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PARENT_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR2)
 
 
 def reset_inherited_signals() -> None:
-    """First thing in a fresh worker: drop the parent's wakeup fd and handlers."""
+    """First thing in a fresh worker: drop the parent's wakeup fd and handlers.
+
+    SIGUSR2 is ignored: it asks the parent for a report, and a stray one sent to the
+    whole process group (``kill -USR2 -- -PGID``) must not end every room.
+    """
     signal.set_wakeup_fd(-1)
-    for sig in PARENT_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 class Room:
@@ -54,7 +60,6 @@ class Room:
         self.last_message = time.monotonic()
         self.ended = False
         self.wake_r = -1
-        self.events = [selectors.EVENT_READ, selectors.EVENT_READ]  # registered, per conn
 
     def partner(self, conn: Conn) -> Conn:
         return self.conns[1] if conn is self.conns[0] else self.conns[0]
@@ -62,7 +67,8 @@ class Room:
     # -- set-up -----------------------------------------------------------------------
 
     def install_signals(self) -> None:
-        """Stop signals only wake the loop through a pipe (no socket: we hold only two)."""
+        """Stop signals only wake the loop through a pipe (no socket: we hold only two).
+        The parent's death wakes it too: the end of multiprocessing's parent pipe."""
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
@@ -79,10 +85,13 @@ class Room:
     def greet(self) -> None:
         """PAIRED and the first turns; then the lines that came with the names, in order."""
         first, second = self.conns
-        first.queue(p.paired_line(second.name or "?") + p.turn_line(write=True))
-        second.queue(p.paired_line(first.name or "?") + p.turn_line(write=False))
+        label = f"{first.label} + {second.label}"
+        self.log.event("room", f"room {self.number} opened pid {os.getpid()}: {label}")
+        first.queue(p.paired_line(second.name or "?") + p.TURN_WRITE_LINE)
+        second.queue(p.paired_line(first.name or "?") + p.TURN_READ_LINE)
         for conn in self.conns:
-            self.sel.register(conn.fd, selectors.EVENT_READ, conn)
+            conn.events = selectors.EVENT_READ
+            self.sel.register(conn.fd, conn.events, conn)
         for conn in self.conns:
             self.handle_inbox(conn)
 
@@ -112,10 +121,8 @@ class Room:
         if what == "signal":
             self.handle_signal()
         elif what == "parent":
-            self.end(
-                "the server process is gone",
-                {c: (p.BYE_SHUTDOWN, "server lost") for c in self.conns},
-            )
+            byes = {c: (p.BYE_SHUTDOWN, "server lost") for c in self.conns}
+            self.end("the server process is gone", byes)
         else:
             self.handle_readable(what)
 
@@ -147,32 +154,27 @@ class Room:
             self.handle_line(conn, conn.inbox.popleft())
 
     def handle_line(self, conn: Conn, line: bytes | p.TooLong) -> None:
-        """Apply one line from ``conn`` to the room: the protocol's rules, in order."""
-        if isinstance(line, p.TooLong):
-            self.send(conn, p.err_line(p.ERR_TOO_LONG, conn.reader.max_line))
-        elif p.is_exit(line):
+        """Apply one line from ``conn`` to the room (``protocol.judge_line``)."""
+        verdict = p.judge_line(line, my_turn=conn is self.writer)
+        if verdict == p.RELAY:
+            self.relay(conn, line)
+        elif verdict == p.LEAVE:
             partner = self.partner(conn)
             byes = {
                 conn: (p.BYE_EXIT, "goodbye"),
                 partner: (p.BYE_PARTNER_EXIT, f"{conn.name} left the chat"),
             }
             self.end(f"{conn.name} left", byes)
-        elif p.is_blank(line):
-            return
-        elif code := p.check_message(line):
-            self.send(conn, p.err_line(code))
-        elif conn is not self.writer:
-            self.send(conn, p.err_line(p.ERR_NOT_YOUR_TURN))
-        else:
-            self.relay(conn, line)
+        elif verdict != p.IGNORE:
+            self.send(conn, p.err_line(verdict, conn.reader.max_line))
 
     def relay(self, writer: Conn, line: bytes) -> None:
         """The writer's message to the reader, then swap the turns."""
         reader = self.partner(writer)
         self.last_message = time.monotonic()
         self.writer = reader
-        self.send(writer, p.turn_line(write=False))
-        self.send(reader, p.msg_line(line) + p.turn_line(write=True))
+        self.send(writer, p.TURN_READ_LINE)
+        self.send(reader, p.msg_line(line) + p.TURN_WRITE_LINE)
 
     def send(self, conn: Conn, data: bytes) -> None:
         """Queue output; a client past the output bound is dropped as a slow consumer."""
@@ -185,15 +187,15 @@ class Room:
         The selector is changed only when the wanted events change: re-arming epoll on
         every message would cost two syscalls per relay.
         """
-        for i, conn in enumerate(self.conns):
+        for conn in self.conns:
             try:
                 done = conn.flush()
             except OSError:
                 self.lose(conn, "connection reset")
                 return
             events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
-            if events != self.events[i]:
-                self.events[i] = events
+            if events != conn.events:
+                conn.events = events
                 self.sel.modify(conn.fd, events, conn)
 
     # -- the end --------------------------------------------------------------------------
@@ -202,10 +204,10 @@ class Room:
         """``gone`` vanished (or was dropped): close it now, tell the partner."""
         if self.ended:
             return
-        self.log.event("leave", f"client disconnected {gone.label} ({why})")
-        self.clients.value = 1
+        self.clients.value = 1  # before anything that may block, such as the log
         self.sel.unregister(gone.fd)
         gone.close()
+        self.log.departure(gone.label, why)
         partner = self.partner(gone)
         self.end(f"{gone.name} lost", {partner: (p.BYE_PARTNER_LOST, f"{gone.name} vanished")})
 
@@ -218,7 +220,7 @@ class Room:
         # never sees itself counted.
         self.clients.value = 0
         for conn, (reason, text) in byes.items():
-            self.log.event("leave", f"client disconnected {conn.label} ({reason})")
+            self.log.departure(conn.label, reason)
             conn.out += p.bye_line(reason, text)
         self.linger(list(byes))
         for conn in self.conns:
@@ -228,33 +230,32 @@ class Room:
     def linger(self, conns: list[Conn]) -> None:
         """Deliver pending output, send FIN, wait for each peer's close (bounded by LINGER)."""
         deadline = time.monotonic() + LINGER
-        live = set(conns)
         sel = selectors.DefaultSelector()
-        for conn in live:
+        for conn in conns:
             try:
                 self.sel.unregister(conn.fd)
             except (KeyError, ValueError):
                 pass
-            sel.register(conn.fd, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
-        while live and (left := deadline - time.monotonic()) > 0:
+            if not conn.close_step(0):
+                sel.register(conn.fd, conn.closing_events(), conn)
+        while sel.get_map() and (left := deadline - time.monotonic()) > 0:
             for key, mask in sel.select(left):
                 conn = key.data
-                if not self.linger_step(conn, mask, sel):
+                if conn.close_step(mask):
                     sel.unregister(conn.fd)
-                    live.discard(conn)
+                else:
+                    sel.modify(conn.fd, conn.closing_events(), conn)
         sel.close()
 
-    def linger_step(self, conn: Conn, mask: int, sel: selectors.BaseSelector) -> bool:
-        """One step of closing ``conn``; False when there is nothing more to wait for."""
+
+def say_error(conns: tuple[Conn, Conn]) -> None:
+    """Best effort after a crash: tell each client still open ``BYE error``, unblocking."""
+    line = p.bye_line(p.BYE_ERROR, "the room failed, sorry")
+    for conn in conns:
         try:
-            if mask & selectors.EVENT_WRITE and conn.flush():
-                conn.shut_write()
-                sel.modify(conn.fd, selectors.EVENT_READ, conn)
+            conn.sock.send(line)
         except OSError:
-            return False
-        if mask & selectors.EVENT_READ:
-            return conn.drain()
-        return True
+            pass
 
 
 def run_room(
@@ -263,12 +264,16 @@ def run_room(
     """Body of a room worker process (called in the forked child). Returns its exit status.
 
     Whatever happens, both sockets are closed and the room's client count is zero when
-    this returns; a bug is logged in one line and gives :data:`EXIT_CRASH`.
+    this returns; a bug is logged in one line, the pair is told ``BYE error``, and the
+    status is :data:`EXIT_CRASH`.
     """
     room = Room(number, first, second, clients, idle_timeout, log)
     try:
         return room.run()
-    except Exception as exc:  # a bug must not hang the clients: log, close, exit non-zero
+    except Exception as exc:  # a bug must not hang the clients: log, tell, close, exit
+        clients.value = 0
+        if not room.ended:
+            say_error(room.conns)
         log.error(f"room {number} crashed: {type(exc).__name__}: {exc}")
         return EXIT_CRASH
     finally:

@@ -12,14 +12,13 @@ import gc
 import multiprocessing
 import multiprocessing.sharedctypes  # imported now: lazily, at the first room, fds may be short
 import os
-import resource
 import selectors
 import signal
 import socket
 import stat
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as p
@@ -73,9 +72,7 @@ class RoomProc:
 
     number: int
     proc: Any  # multiprocessing.Process
-    clients: Any  # multiprocessing.Value("i"), written only by the worker
-    label: str
-    opened: float = field(default_factory=time.monotonic)
+    clients: Any  # multiprocessing.Value("i"): 2 at the fork, then the worker's to write
 
 
 def make_listener(host: str, port: int) -> socket.socket:
@@ -126,7 +123,7 @@ class Server:
 
     def start(self) -> None:
         """Bind, write the pidfile, install the signal plumbing, then announce the listen
-        line: once it is printed, everything is ready. Raises OSError on failure."""
+        line: once it is printed, everything is ready. Raises StartupError on failure."""
         try:
             self.listener = make_listener(self.opts.host, self.opts.port)
         except OSError as exc:
@@ -152,9 +149,13 @@ class Server:
 
     def serve_forever(self) -> int:
         """Run the loop until a shutdown completes. Returns the exit status."""
+        live = self.sel.get_map()
         while not (self.stopping and not self.rooms and not self.closing):
             for key, mask in self.sel.select(self.next_timeout()):
-                key.data(key, mask)
+                # An earlier handler in this batch may have closed this fd, or closed it
+                # and reused the number: act only on keys that are still registered.
+                if live.get(key.fd) is key:
+                    key.data(key, mask)
             self.expire_timers()
             if self.stopping and time.monotonic() >= self.stop_deadline:
                 self.kill_stragglers()
@@ -225,7 +226,8 @@ class Server:
         conn.queue(p.hello_line())
         if len(self.handshaking) >= self.opts.max_waiting:
             self.register(conn)
-            self.say_bye(conn, p.BYE_FULL, "too many connections, try again later")
+            text = "too many connections, try again later"
+            self.say_bye(conn, p.BYE_FULL, text, why=f"full: {len(self.handshaking)} handshaking")
             return
         conn.deadline = time.monotonic() + self.opts.name_timeout
         self.handshaking[conn.fd] = conn
@@ -248,46 +250,52 @@ class Server:
     # -- client I/O --------------------------------------------------------------------------
 
     def register(self, conn: Conn) -> None:
-        self.sel.register(conn.fd, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_client)
+        conn.events = selectors.EVENT_READ | selectors.EVENT_WRITE
+        self.sel.register(conn.fd, conn.events, self.on_client)
+
+    def watch(self, conn: Conn, events: int) -> None:
+        """Change what the selector watches on ``conn``, only if it changed."""
+        if events != conn.events:
+            conn.events = events
+            self.sel.modify(conn.fd, events, self.on_client)
 
     def on_client(self, key: Any, mask: int) -> None:
-        """One client socket is ready: write what is pending, read what arrived."""
+        """One client socket is ready: read and handle what arrived, write what is due."""
         conn = self.find(key.fd)
         if conn is None:
             return
-        if mask & selectors.EVENT_READ and not self.read_client(conn):
-            return
-        if conn.fd in self.handshaking or conn.fd in self.waiting or conn.fd in self.closing:
+        if conn.state == CLOSING:
+            self.close_client(conn, mask)
+        elif not mask & selectors.EVENT_READ or self.read_client(conn):
             self.write_client(conn)
 
     def find(self, fd: int) -> Conn | None:
         return self.handshaking.get(fd) or self.waiting.get(fd) or self.closing.get(fd)
 
     def read_client(self, conn: Conn) -> bool:
-        """Read and handle input. False if the connection is gone."""
-        if conn.state == CLOSING:
-            if not conn.drain():
-                self.drop(conn)
-                return False
-            return True
+        """Read and handle input. False if the connection left the parent's hands."""
         if not conn.receive():
             where = "before naming" if conn.state == HANDSHAKE else "while waiting"
             self.drop(conn, f"closed {where}")
             return False
         self.handle_inbox(conn)
-        return conn.state != IN_ROOM
+        return conn.state in (HANDSHAKE, WAITING)
 
     def write_client(self, conn: Conn) -> None:
-        """Send pending output; on a closing client, FIN once all is sent."""
+        """Send pending output; watch for writability only while some is left."""
         try:
             done = conn.flush()
         except OSError:
             self.drop(conn, "connection reset")
             return
-        if done and conn.state == CLOSING:
-            conn.shut_write()
-        want = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
-        self.sel.modify(conn.fd, want, self.on_client)
+        self.watch(conn, selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE))
+
+    def close_client(self, conn: Conn, mask: int) -> None:
+        """A step of a client's graceful close (``Conn.close_step``); drop it when done."""
+        if conn.close_step(mask):
+            self.drop(conn)
+        else:
+            self.watch(conn, conn.closing_events())
 
     def send(self, conn: Conn, data: bytes) -> None:
         """Send to a client in the parent now, queueing what the socket does not take;
@@ -317,7 +325,7 @@ class Server:
         if name is None:
             self.say_bye(conn, p.BYE_BAD_NAME, f"a name is {p.NAME_RULE}")
             return
-        if len(self.waiting) >= self.opts.max_waiting:
+        if len(self.waiting) >= self.opts.max_waiting and not self.pairs_at_once():
             why = f"full: {len(self.waiting)} waiting, name {name}"
             self.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
             return
@@ -328,6 +336,10 @@ class Server:
         self.open_rooms()
         if conn.state == WAITING:
             self.tell_waiting(conn)
+
+    def pairs_at_once(self) -> bool:
+        """Would a newly named client go straight into a room? (Then it never waits.)"""
+        return bool(self.waiting) and len(self.rooms) < self.opts.max_rooms and not self.stopping
 
     def tell_waiting(self, conn: Conn) -> None:
         """WAIT for a newly named client; when it completes a pair that has no free room,
@@ -343,27 +355,24 @@ class Server:
         self.send(conn, p.wait_line(text))
 
     def take_waiting_line(self, conn: Conn, line: bytes | p.TooLong) -> None:
-        """A line from a waiting client: ``exit`` leaves; anything else is not its turn."""
-        if isinstance(line, p.TooLong):
-            self.send(conn, p.err_line(p.ERR_TOO_LONG, self.opts.max_line))
-        elif p.is_exit(line):
+        """A line from a waiting client: ``exit`` leaves; a message is not its turn."""
+        verdict = p.judge_line(line, my_turn=False)
+        if verdict == p.LEAVE:
             self.say_bye(conn, p.BYE_EXIT, "goodbye")
-        elif p.is_blank(line):
-            return
-        else:
-            self.send(conn, p.err_line(p.check_message(line) or p.ERR_NOT_YOUR_TURN))
+        elif verdict != p.IGNORE:
+            self.send(conn, p.err_line(verdict, self.opts.max_line))
 
     def say_bye(self, conn: Conn, reason: str, text: str, why: str = "") -> None:
         """Log the departure, send the last line and move the client to closing (FIN,
         then wait for its close). ``why`` is for the log; the BYE reason by default."""
-        self.log.event("leave", f"client disconnected {conn.label} ({why or reason})")
+        self.log.departure(conn.label, why or reason)
         self.forget(conn)
         conn.state = CLOSING
         conn.inbox.clear()
         conn.out += p.bye_line(reason, text)
         conn.deadline = time.monotonic() + LINGER
         self.closing[conn.fd] = conn
-        self.sel.modify(conn.fd, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_client)
+        self.close_client(conn, 0)
 
     def forget(self, conn: Conn) -> None:
         """Remove the client from the handshake, waiting and closing tables."""
@@ -373,8 +382,8 @@ class Server:
     def drop(self, conn: Conn, why: str = "") -> None:
         """Close a client now, wherever it is in the parent; log why if it was still in
         play (a closing client's departure is logged already)."""
-        if why:
-            self.log.event("leave", f"client disconnected {conn.label} ({why})")
+        if why and conn.state != CLOSING:
+            self.log.departure(conn.label, why)
         self.forget(conn)
         self.sel.unregister(conn.fd)
         conn.state = GONE
@@ -390,12 +399,17 @@ class Server:
         ):
             fds = iter(self.waiting)
             first, second = self.waiting[next(fds)], self.waiting[next(fds)]
-            self.open_room(first, second)
+            # A client whose close the loop has not read yet must not be paired.
+            dead = [conn for conn in (first, second) if conn.peer_closed()]
+            for conn in dead:
+                self.drop(conn, "closed while waiting")
+            if not dead:
+                self.open_room(first, second)
 
     def open_room(self, first: Conn, second: Conn) -> None:
-        """Fork a worker for the pair; the parent then closes its copies of both sockets."""
-        self.room_count += 1
-        number = self.room_count
+        """Fork a worker for the pair; the parent then closes its copies of both sockets.
+        The worker logs "room N opened" itself, so that line comes before its others."""
+        number = self.room_count + 1
         for conn in (first, second):
             self.forget(conn)
             self.sel.unregister(conn.fd)
@@ -405,15 +419,14 @@ class Server:
             self.refuse_pair(first, second)
             return
         proc, clients = started
+        self.room_count = number
         for conn in (first, second):
             self.fds.disown(conn.fd)
             conn.close()
         for fd in parent_pipe_fds(proc):
             self.fds.own(fd)
-        label = f"{first.label} + {second.label}"
-        self.rooms[proc.sentinel] = RoomProc(number, proc, clients, label)
+        self.rooms[proc.sentinel] = RoomProc(number, proc, clients)
         self.sel.register(proc.sentinel, selectors.EVENT_READ, self.on_sentinel)
-        self.log.event("room", f"room {number} opened pid {proc.pid}: {label}")
 
     def start_worker(self, number: int, first: Conn, second: Conn) -> tuple[Any, Any] | None:
         """Fork the room worker and its shared client count. None if it cannot be done
@@ -423,6 +436,7 @@ class Server:
         heap is frozen so the child's gc never touches (and copies) the parent's objects.
         """
         old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
+        free = self.lowest_free_fds(6)  # where a failed start would leave its pipes
         gc.freeze()
         try:
             clients = MP.Value("i", 2, lock=False)
@@ -436,33 +450,29 @@ class Server:
             forget_child(proc)
         except OSError as exc:
             self.log.error(f"cannot fork a room worker: {exc.strerror or exc}")
-            self.close_stray_pipes()
+            close_stray_pipes(free)
             return None
         finally:
             gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return proc, clients
 
-    def close_stray_pipes(self) -> None:
-        """After a failed start: close the pipes multiprocessing made before fork() failed.
-
-        The parent's only pipes are its rooms' (see ``parent_pipe_fds``); any other pipe
-        above stderr was left behind by the failed start and would leak on every retry.
-        """
-        known = {fd for room in self.rooms.values() for fd in parent_pipe_fds(room.proc)}
-        for fd in open_fds():
-            if fd <= 2 or fd in known:
-                continue
-            try:
-                if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                    os.close(fd)
-            except OSError:
-                pass
+    def lowest_free_fds(self, count: int) -> list[int]:
+        """The ``count`` lowest fd numbers not in use (fewer if fds run out): the numbers
+        the next pipes will get. Probed with dup, a few syscalls."""
+        probes: list[int] = []
+        try:
+            for _ in range(count):
+                probes.append(os.dup(self.wake_r.fileno()))
+        except OSError:
+            pass
+        for fd in probes:
+            os.close(fd)
+        return probes
 
     def refuse_pair(self, first: Conn, second: Conn) -> None:
         """The fork failed: tell both, the server goes on."""
         for conn in (first, second):
-            conn.state = HANDSHAKE  # any state the parent owns, so say_bye can take it
             self.register(conn)
             self.say_bye(conn, p.BYE_ERROR, "could not open a room, try again later")
 
@@ -486,11 +496,15 @@ class Server:
     def on_sentinel(self, key: Any, mask: int) -> None:
         self.reap_room(key.fd)
 
-    def reap_room(self, sentinel: int) -> None:
-        """A worker has exited: join it, log an abnormal exit, free its room."""
+    def reap_room(self, sentinel: int, timeout: float | None = None) -> None:
+        """A worker has exited (its sentinel fired, or it was SIGKILLed): join it, log an
+        abnormal exit, free its room, and open the next ones from the queue."""
         room = self.rooms.pop(sentinel)
         self.sel.unregister(sentinel)
-        room.proc.join()
+        room.proc.join(timeout)
+        if room.proc.exitcode is None:  # stuck in the kernel even after SIGKILL
+            self.log.error(f"room {room.number} pid {room.proc.pid} did not exit; leaving it")
+            return
         code = room.proc.exitcode
         if code:
             self.log.error(f"room {room.number} worker pid {room.proc.pid} {describe_exit(code)}")
@@ -501,12 +515,15 @@ class Server:
         self.open_rooms()
 
     def kill_stragglers(self) -> None:
-        """Shutdown deadline passed: SIGKILL the rooms still there, close lingering clients."""
-        for room in list(self.rooms.values()):
+        """Shutdown deadline passed: SIGKILL every room still there, reap them against
+        one short deadline, close the clients still lingering."""
+        stragglers = list(self.rooms.items())
+        for _, room in stragglers:
             self.log.error(f"room {room.number} pid {room.proc.pid} did not stop; killing it")
             room.proc.kill()
-            room.proc.join(STOP_GRACE)
-            self.reap_room(room.proc.sentinel)
+        deadline = time.monotonic() + STOP_GRACE
+        for sentinel, _ in stragglers:
+            self.reap_room(sentinel, timeout=max(0.0, deadline - time.monotonic()))
         for conn in list(self.closing.values()):
             self.drop(conn)
 
@@ -523,11 +540,14 @@ class Server:
             getattr(self, "handle_" + name[3:].lower())()
 
     def handle_usr2(self) -> None:
-        """SIGUSR2: the number of connected clients, then rooms, waiting and handshaking."""
-        self.reap_finished()
-        self.log.plain(f"NUMBER OF CLIENTS : ** {self.count_clients()} **")
+        """SIGUSR2: the number of connected clients, then, on the next line (one write),
+        the rooms, waiting and handshaking counts."""
+        rooms = [room for room in self.rooms.values() if room.proc.exitcode is None]
+        in_rooms = sum(max(0, room.clients.value) for room in rooms)
+        clients = len(self.handshaking) + len(self.waiting) + in_rooms
         self.log.plain(
-            f"rooms {len(self.rooms)}, waiting {len(self.waiting)}, "
+            f"NUMBER OF CLIENTS : ** {clients} **\n"
+            f"rooms {len(rooms)}, waiting {len(self.waiting)}, "
             f"handshaking {len(self.handshaking)}"
         )
 
@@ -540,16 +560,9 @@ class Server:
     def handle_int(self) -> None:
         self.begin_shutdown("SIGINT")
 
-    def count_clients(self) -> int:
-        """Clients connected now: handshaking, waiting, and each room's own count."""
-        in_rooms = sum(max(0, room.clients.value) for room in self.rooms.values())
-        return len(self.handshaking) + len(self.waiting) + in_rooms
-
-    def reap_finished(self) -> None:
-        """Reap the workers that exited but whose sentinel the loop has not seen yet."""
-        ready = [fd for fd, room in self.rooms.items() if room.proc.exitcode is not None]
-        for fd in ready:
-            self.reap_room(fd)
+    def handle_hup(self) -> None:
+        """The terminal went away: shut down cleanly rather than die with the rooms."""
+        self.begin_shutdown("SIGHUP")
 
     def begin_shutdown(self, why: str) -> None:
         """Stop accepting, say BYE to every client the parent holds, stop every room."""
@@ -571,6 +584,20 @@ class Server:
                 os.kill(room.proc.pid, signal.SIGUSR1)
             except ProcessLookupError:
                 pass
+
+
+def close_stray_pipes(candidates: list[int]) -> None:
+    """After a failed start: close the pipes multiprocessing made before fork() failed.
+
+    ``candidates`` were free just before the start, so a pipe there now is a leftover;
+    anything else (a regular file, an fd from a supervisor) is left alone.
+    """
+    for fd in candidates:
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:
+            pass
 
 
 def forget_child(proc: Any) -> None:
@@ -604,23 +631,6 @@ def set_process_name(name: str) -> None:
             f.write(name[:15])
     except OSError:
         pass
-
-
-def open_fds() -> list[int]:
-    """This process's open file descriptors; works even when none is left to list them."""
-    try:
-        return [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:  # EMFILE: probe each number up to the limit instead
-        limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 16)
-        return [fd for fd in range(limit) if fd_is_open(fd)]
-
-
-def fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def describe_exit(code: int) -> str:

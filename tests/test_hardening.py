@@ -18,7 +18,17 @@ import psutil
 import pytest
 
 from forkchat.conn import KEEPALIVE_IDLE, tune_socket
-from support import BIN, DEADLINE, Peer, ServerProc, child_env, pair, socket_fds, wait_until
+from support import (
+    BIN,
+    DEADLINE,
+    Peer,
+    ServerProc,
+    child_env,
+    pair,
+    reap_tree,
+    socket_fds,
+    wait_until,
+)
 
 
 def raw_connect(address: tuple[str, int]) -> socket.socket:
@@ -547,3 +557,111 @@ def test_soak_leaves_nothing_behind_and_delivers_every_message_once_in_order(ser
     assert not [c for c in parent.children() if c.status() == psutil.STATUS_ZOMBIE]
     assert parent.num_fds() == fds_before
     assert parent.memory_info().rss - rss_before < 4 * 1024 * 1024
+
+
+# -- found in review ------------------------------------------------------------------------
+
+
+def frozen(server: ServerProc):
+    """Context: the server is stopped (SIGSTOP) inside, so events pile up for one batch."""
+
+    class Frozen:
+        def __enter__(self):
+            server.signal(signal.SIGSTOP)
+            wait_until(
+                lambda: psutil.Process(server.pid).status() == psutil.STATUS_STOPPED,
+                what="server stopped",
+            )
+
+        def __exit__(self, *exc):
+            server.signal(signal.SIGCONT)
+
+    return Frozen()
+
+
+def test_max_waiting_of_one_still_pairs():
+    srv = ServerProc("--no-color", "--max-waiting", "1")
+    try:
+        a, b = pair(srv.address)  # the second completes the pair: it never waits
+        c = Peer(srv.address, "carol")
+        c.expect("WAIT ")
+        d = Peer(srv.address, "dave")
+        d.expect("PAIRED carol")
+        a.send("hi")
+        b.expect("MSG hi")
+    finally:
+        srv.stop()
+
+
+def test_waiting_client_gone_in_the_same_batch_is_not_paired(server):
+    a = Peer(server.address, "alice")
+    a.expect("WAIT ")
+    b = Peer(server.address)
+    with frozen(server):
+        b.send("bob")  # ready first: the name is handled before alice's close is read
+        a.close()
+    b.expect("WAIT ")
+    c = Peer(server.address, "carol")
+    c.expect("PAIRED bob", "TURN READ")
+
+
+def test_report_is_right_while_a_dead_worker_is_not_yet_reaped(server):
+    a, b = pair(server.address)
+    x, y = pair(server.address, "x", "y")
+    worker = server.children()[0]
+    with frozen(server):
+        worker.kill()
+        wait_until(lambda: worker.status() == psutil.STATUS_ZOMBIE, what="worker dead")
+        server.signal(signal.SIGUSR2)  # the report and the sentinel in one batch
+    server.out.wait_for(r"NUMBER OF CLIENTS : \*\* 2 \*\*")
+    server.out.wait_for(r"killed by SIGKILL")
+    a.expect_closed()
+    b.expect_closed()
+    x.send("server alive")
+    y.expect("MSG server alive")
+
+
+def test_sigusr2_to_a_room_worker_does_not_end_the_room(server):
+    a, b = pair(server.address)
+    worker = server.children()[0]
+    worker.send_signal(signal.SIGUSR2)  # e.g. kill -USR2 -- -PGID
+    a.send("still here")
+    b.expect("MSG still here")
+    assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+
+
+def test_sighup_shuts_down_cleanly():
+    srv = ServerProc("--no-color")
+    try:
+        a, b = pair(srv.address)
+        srv.signal(signal.SIGHUP)
+        a.expect("BYE shutdown SERVER WILL CLOSE NOW")
+        b.expect("BYE shutdown SERVER WILL CLOSE NOW")
+        assert srv.wait_exit() == 0
+    finally:
+        srv.stop()
+
+
+def test_server_with_stdout_closed_runs_without_a_traceback(tmp_path):
+    pidfile = tmp_path / "pid"
+    with socket.socket() as probe:  # no listen line to read: choose the port here
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, str(BIN / "server"), "--port", str(port), "--pidfile", str(pidfile)],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+        start_new_session=True,
+        preexec_fn=lambda: os.close(1),
+    )
+    try:
+        wait_until(pidfile.exists, what="pidfile written")
+        a, b = pair(("127.0.0.1", port))
+        a.send("no stdout")
+        b.expect("MSG no stdout")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0
+        assert proc.stderr.read() == b""
+    finally:
+        reap_tree(proc)

@@ -110,3 +110,47 @@ def test_parse_server_line():
     msg = p.parse_server_line(b"MSG  two  spaces ")
     assert (msg.keyword, msg.arg) == ("MSG", " two  spaces ")
     assert p.parse_server_line(b"\xff\xfe").keyword == "\ufffd\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("line", "my_turn", "verdict"),
+    [
+        (p.TOO_LONG, True, p.ERR_TOO_LONG),
+        (b" exit ", False, p.LEAVE),
+        (b" exit ", True, p.LEAVE),
+        (b"  ", False, p.IGNORE),
+        (b"\xff", True, p.ERR_BAD_ENCODING),
+        (b"a\x1bb", False, p.ERR_BAD_CHAR),
+        (b"hello", False, p.ERR_NOT_YOUR_TURN),
+        (b"hello", True, p.RELAY),
+    ],
+)
+def test_judge_line_applies_the_rules_in_order(line, my_turn, verdict):
+    assert p.judge_line(line, my_turn) == verdict
+
+
+def test_graceful_close_keeps_unsent_output_after_the_peer_half_closes():
+    """A client that shut down its sending side still gets its BYE."""
+    import selectors
+    import socket
+
+    from forkchat.conn import Conn
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    conn = Conn(ours, "test")
+    big = b"x" * (4 << 20)  # more than the socket buffers hold
+    conn.out += big + b"BYE exit goodbye\n"
+    assert not conn.close_step(0)  # output left
+    theirs.shutdown(socket.SHUT_WR)  # the peer says it will send no more
+    assert not conn.close_step(selectors.EVENT_READ)  # its EOF alone must not end it
+    assert conn.eof and conn.closing_events() == selectors.EVENT_WRITE
+    received = bytearray()
+    theirs.settimeout(5)
+    while not conn.close_step(selectors.EVENT_WRITE):
+        received += theirs.recv(1 << 20)
+    while chunk := theirs.recv(1 << 20):
+        received += chunk
+    assert received.endswith(b"BYE exit goodbye\n") and len(received) == len(big) + 17
+    ours.close()
+    theirs.close()

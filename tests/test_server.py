@@ -180,7 +180,7 @@ def test_log_has_one_timestamped_line_per_event(server):
     out.wait_for(rf"^{STAMP} \[server\] client connected {peer}$")
     out.wait_for(rf"^{STAMP} \[server\] client named alice {peer}$")
     opened = out.wait_for(
-        rf"^{STAMP} \[server\] room 1 opened pid (\d+): alice {peer} \+ bob {peer}$"
+        rf"^{STAMP} \[room 1 pid (\d+)\] room 1 opened pid \1: alice {peer} \+ bob {peer}$"
     )
     pid = opened.group(1)
     out.wait_for(rf"^{STAMP} \[room 1 pid {pid}\] client disconnected alice {peer} \(exit\)$")
