@@ -16,6 +16,9 @@ from collections import deque
 from .protocol import DEFAULT_MAX_LINE, LineReader, TooLong
 
 RECV_SIZE = 65536
+# One receive buffer per process, reused by every read: a fresh 64 KiB object per recv()
+# would make each room worker copy-on-write that much of the parent's heap.
+_RECV_BUFFER = bytearray(RECV_SIZE)
 # TCP keepalive: a peer that vanished without FIN is noticed in about 2 minutes.
 KEEPALIVE_IDLE = 60
 KEEPALIVE_INTERVAL = 15
@@ -101,14 +104,14 @@ class Conn:
         Never blocks; a read that would block counts as still open.
         """
         try:
-            data = self.sock.recv(RECV_SIZE)
+            size = self.sock.recv_into(_RECV_BUFFER)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
             return False  # reset, keepalive timeout: the peer is gone
-        if not data:
+        if not size:
             return False
-        self.inbox.extend(self.reader.feed(data))
+        self.inbox.extend(self.reader.feed(_RECV_BUFFER[:size]))
         return True
 
     def queue(self, data: bytes) -> bool:

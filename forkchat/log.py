@@ -61,8 +61,10 @@ class Log:
         if self.stream is None:
             return
         try:
-            self.stream.write(text + "\n")
-            self.stream.flush()
+            fd = self.stream.fileno()
+            data = (text + "\n").encode("utf-8", "replace")
+            while data:  # one write() for a line (pipes take up to 4 KiB at once)
+                data = data[os.write(fd, data) :]
         except (OSError, ValueError):
             pass  # a reader that went away must not take the server down
 

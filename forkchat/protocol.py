@@ -103,7 +103,7 @@ class LineReader:
         self.pending = bytearray()
         self._discarding = False
 
-    def feed(self, data: bytes) -> list[bytes | TooLong]:
+    def feed(self, data: bytes | bytearray) -> list[bytes | TooLong]:
         """Take the next chunk of the stream; return the lines it completes, in order."""
         lines: list[bytes | TooLong] = []
         start = 0
@@ -115,9 +115,12 @@ class LineReader:
             if self._discarding:
                 self._discarding = False
             else:
-                self.pending += data[start:lf]
-                line = bytes(self.pending)
-                self.pending.clear()
+                if self.pending:
+                    self.pending += data[start:lf]
+                    line = bytes(self.pending)
+                    self.pending.clear()
+                else:
+                    line = bytes(data[start:lf])
                 if line.endswith(b"\r"):
                     line = line[:-1]
                 lines.append(line if len(line) <= self.max_line else TOO_LONG)
