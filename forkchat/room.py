@@ -187,7 +187,8 @@ class Room:
         The selector is changed only when the wanted events change: re-arming epoll on
         every message would cost two syscalls per relay.
         """
-        for conn in self.conns:
+        # The one whose turn it now is goes first: its MSG is what the room waits on.
+        for conn in (self.writer, self.partner(self.writer)):
             try:
                 done = conn.flush()
             except OSError:
