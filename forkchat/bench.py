@@ -73,6 +73,7 @@ import psutil
 from docopt import DocoptExit, docopt
 
 from . import __version__
+from .args import UsageError, explain_usage, to_number
 
 # The start method is pinned once, here: drivers are forked (Python 3.14 changes the default).
 MP = multiprocessing.get_context("fork")
@@ -94,10 +95,6 @@ RECV_SIZE = 65536
 MIB = 1 << 20
 LISTEN_RE = re.compile(rb"forkchat server listening on (\S+):(\d+) pid (\d+)")
 SERVER_SHIM = Path(__file__).resolve().parent.parent / "bin" / "server"
-
-
-class UsageError(Exception):
-    """A bad command line: reported in one line, exit status 2."""
 
 
 class BenchError(Exception):
@@ -126,18 +123,6 @@ class Settings:
     json_path: str | None = None
 
 
-def to_number(args: dict, option: str, kind: Callable, low: float, high: float) -> Any:
-    """Convert one option value, or raise UsageError naming the option and the range."""
-    raw = args[option]
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise UsageError(f"{option} must be a number, not {raw!r}") from None
-    if not low <= value <= high or value != value:  # value != value: NaN
-        raise UsageError(f"{option} must be between {low:g} and {high:g}, not {raw!r}")
-    return value
-
-
 def parse_rooms(raw: str) -> tuple[int, ...]:
     """``1,10,100`` -> (1, 10, 100). Raises UsageError unless each is 1..50000."""
     try:
@@ -154,7 +139,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     try:
         args = docopt(__doc__, argv=argv, version=f"forkchat {__version__}")
     except DocoptExit as exc:
-        raise UsageError(str(exc).strip().splitlines()[0]) from None
+        raise UsageError(explain_usage(str(exc))) from None
     sizes = dict(QUICK if args["--quick"] else FULL)
     limits = {"pairs": 100_000, "burst": 100_000, "round_trips": 10_000_000}
     limits |= {"messages": 10_000_000, "rooms_held": 50_000}

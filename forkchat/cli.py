@@ -25,12 +25,9 @@ Signals: SIGUSR2 prints the number of clients; SIGUSR1, SIGTERM and SIGINT shut 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any
-
-from docopt import DocoptExit, docopt
 
 from . import __version__
+from .args import UsageError, parse_port, parse_usage, to_number
 from .log import Log, want_color
 from .server import Options, Server, StartupError, remove_pidfile, set_process_name
 
@@ -38,31 +35,12 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
-    """A bad command line: reported in one line, exit status 2."""
-
-
-def to_number(args: dict, option: str, kind: Callable, low: float, high: float) -> Any:
-    """Convert one option value, or raise UsageError naming the option and the range."""
-    raw = args[option]
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise UsageError(f"{option} must be a number, not {raw!r}") from None
-    if not low <= value <= high or value != value:  # value != value: NaN
-        raise UsageError(f"{option} must be between {low:g} and {high:g}, not {raw!r}")
-    return value
-
-
 def parse_options(argv: list[str] | None = None) -> Options:
     """Parse and check the command line. Raises UsageError, or exits for -h/--version."""
-    try:
-        args = docopt(__doc__, argv=argv, version=f"forkchat {__version__}")
-    except DocoptExit as exc:
-        raise UsageError(str(exc).strip().splitlines()[0]) from None
+    args = parse_usage(__doc__, argv, f"forkchat {__version__}")
     return Options(
         host=args["--host"],
-        port=to_number(args, "--port", int, 0, 65535),
+        port=parse_port(args["--port"], low=0),
         max_rooms=to_number(args, "--max-rooms", int, 1, 100_000),
         max_waiting=to_number(args, "--max-waiting", int, 1, 1_000_000),
         max_line=to_number(args, "--max-line", int, 16, 1 << 20),

@@ -48,6 +48,7 @@ from typing import Any, Protocol, TextIO
 from docopt import DocoptExit, docopt
 
 from forkchat import __version__, protocol
+from forkchat.args import UsageError, parse_port
 from forkchat.lineedit import EndOfInput, LineEditor, RawTerminal, Submit, TtyScreen, silence
 
 PROG = "forkchat client"
@@ -168,10 +169,6 @@ def split_input(buffer: bytes, eof: bool) -> tuple[list[bytes], bytes]:
 # ---------------------------------------------------------------- command line
 
 
-class UsageError(Exception):
-    """A bad command line; the message is one line."""
-
-
 @dataclass(frozen=True)
 class Options:
     """The client's command line, checked and converted."""
@@ -179,17 +176,6 @@ class Options:
     name: str
     host: str
     port: int
-
-
-def parse_port(text: str) -> int:
-    """A TCP port from 1 to 65535, or UsageError."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = 0
-    if not 1 <= port <= 65535:
-        raise UsageError(f"bad port {text!r}: expected a number from 1 to 65535")
-    return port
 
 
 def parse_username(text: str) -> str:

@@ -21,7 +21,6 @@ SIGUSR1 or SIGTERM shut it down (and, sent to clients with --all, end them).
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 import time
@@ -33,6 +32,7 @@ import psutil
 from docopt import DocoptExit, docopt
 
 from . import __version__
+from .args import UsageError, explain_usage, parse_port
 from .conn import format_peer
 
 EXIT_OK = 0
@@ -43,10 +43,6 @@ CLIENT_SCRIPTS = ("bin/client", "forkchat-client")
 CLIENT_VALUE_OPTIONS = ("--host", "--port")  # bin/client options that take a value
 HIDDEN = "access denied"
 COLUMNS = ("ROLE", "PID", "PPID", "NAME", "ADDRESS", "PEER", "AGE")
-
-
-class UsageError(Exception):
-    """A bad command line: reported in one line, exit status 2."""
 
 
 class LookupFailed(Exception):
@@ -107,27 +103,6 @@ def parse_signal(text: str) -> signal.Signals:
             f"--signal: unknown signal {text!r} (try USR1, USR2, TERM or 12)"
         ) from None
     return sig
-
-
-def parse_port(text: str) -> int:
-    """A TCP port, 1 to 65535. Raises UsageError."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise UsageError(f"--port must be a number, not {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise UsageError(f"--port must be between 1 and 65535, not {text!r}")
-    return port
-
-
-def explain_usage(message: str) -> str:
-    """docopt's complaint in one line; its "found unmatched [Option(None, '--all', ...)]"
-    becomes "unexpected argument --all"."""
-    first = message.strip().splitlines()[0]
-    if not first.startswith("Warning: found unmatched"):
-        return first
-    words = re.findall(r"(?:Option|Argument)\([^,]+, '([^']*)'", first)
-    return f"unexpected argument {' '.join(words)}" if words else "arguments do not fit the usage"
 
 
 def parse_options(argv: list[str] | None = None) -> Options:

@@ -485,8 +485,8 @@ def test_refused_connection_is_one_line():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--port", "abc"), "bad port 'abc'"),
-        (("--port", "70000"), "bad port '70000'"),
+        (("--port", "abc"), "--port must be a number, not 'abc'"),
+        (("--port", "70000"), "--port must be between 1 and 65535, not '70000'"),
         (("bad name",), "bad user name 'bad name'"),
     ],
 )

@@ -152,7 +152,7 @@ def test_parse_args_all():
 
 @pytest.mark.parametrize("text", ["abc", "70000", "0", "-1", "", "1.5"])
 def test_bad_port(text):
-    with pytest.raises(UsageError, match="bad port"):
+    with pytest.raises(UsageError, match="--port must be"):
         parse_port(text)
 
 
@@ -179,7 +179,7 @@ def test_version_and_usage_errors(capsys):
 def test_main_usage_errors_are_one_line(capsys):
     assert client.main(["--port", "abc"]) == 2
     err = capsys.readouterr().err
-    assert err == "forkchat client: bad port 'abc': expected a number from 1 to 65535\n"
+    assert err == "forkchat client: --port must be a number, not 'abc'\n"
     assert client.main(["bad name!"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 

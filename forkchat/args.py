@@ -1,0 +1,50 @@
+"""Command-line checks shared by every executable: docopt errors in one line, and option
+values converted and range-checked with a message that names the option."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from docopt import DocoptExit, docopt
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit status 2."""
+
+
+def parse_usage(doc: str, argv: list[str] | None, version: str) -> dict[str, Any]:
+    """docopt over ``doc``; a command line that does not fit raises UsageError in one
+    line. ``-h`` and ``--version`` print and exit, as docopt does."""
+    try:
+        return docopt(doc, argv=argv, version=version)
+    except DocoptExit as exc:
+        raise UsageError(explain_usage(str(exc))) from None
+
+
+def explain_usage(message: str) -> str:
+    """docopt's complaint in one line; its "found unmatched [Option(None, '--all', ...)]"
+    becomes "unexpected argument --all"."""
+    first = message.strip().splitlines()[0] if message.strip() else "bad command line"
+    if not first.startswith("Warning: found unmatched"):
+        return first
+    words = re.findall(r"(?:Option|Argument)\([^,]+, '([^']*)'", first)
+    return f"unexpected argument {' '.join(words)}" if words else "arguments do not fit the usage"
+
+
+def to_number(args: dict, option: str, kind: Callable, low: float, high: float) -> Any:
+    """Convert one option value, or raise UsageError naming the option and the range."""
+    raw = args[option]
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise UsageError(f"{option} must be a number, not {raw!r}") from None
+    if not low <= value <= high or value != value:  # value != value: NaN
+        raise UsageError(f"{option} must be between {low:g} and {high:g}, not {raw!r}")
+    return value
+
+
+def parse_port(text: str, low: int = 1) -> int:
+    """A TCP port from ``low`` (1, or 0 for "any free port") to 65535, or UsageError."""
+    return to_number({"--port": text}, "--port", int, low, 65535)
