@@ -523,7 +523,7 @@ def test_soak_leaves_nothing_behind_and_delivers_every_message_once_in_order(ser
     parent = psutil.Process(server.pid)
     wait_until(lambda: not server.children(), what="warm-up room reaped")
     fds_before, rss_before = parent.num_fds(), parent.memory_info().rss
-    for i in range(150):
+    for i in range(300):
         a, b = pair(server.address, f"a{i}", f"b{i}")
         kind = rng.choice(["chat", "chat", "chat", "vanish", "reset", "flood", "garbage"])
         if kind == "chat":
