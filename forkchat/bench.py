@@ -70,10 +70,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from docopt import DocoptExit, docopt
 
 from . import __version__
-from .args import UsageError, explain_usage, to_number
+from .args import UsageError, parse_usage, to_number
 
 # The start method is pinned once, here: drivers are forked (Python 3.14 changes the default).
 MP = multiprocessing.get_context("fork")
@@ -136,10 +135,7 @@ def parse_rooms(raw: str) -> tuple[int, ...]:
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """Parse and check the command line. Raises UsageError, or exits for -h/--version."""
-    try:
-        args = docopt(__doc__, argv=argv, version=f"forkchat {__version__}")
-    except DocoptExit as exc:
-        raise UsageError(explain_usage(str(exc))) from None
+    args = parse_usage(__doc__, argv, f"forkchat {__version__}")
     sizes = dict(QUICK if args["--quick"] else FULL)
     limits = {"pairs": 100_000, "burst": 100_000, "round_trips": 10_000_000}
     limits |= {"messages": 10_000_000, "rooms_held": 50_000}

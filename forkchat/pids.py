@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
-from docopt import DocoptExit, docopt
 
 from . import __version__
-from .args import UsageError, explain_usage, parse_port
+from .args import UsageError, parse_port, parse_usage
 from .conn import format_peer
 
 EXIT_OK = 0
@@ -107,10 +106,7 @@ def parse_signal(text: str) -> signal.Signals:
 
 def parse_options(argv: list[str] | None = None) -> Options:
     """Parse and check the command line. Raises UsageError, or exits for -h/--version."""
-    try:
-        args = docopt(__doc__, argv=argv, version=f"forkchat {__version__}")
-    except DocoptExit as exc:
-        raise UsageError(explain_usage(str(exc))) from None
+    args = parse_usage(__doc__, argv, f"forkchat {__version__}")
     if args["--all"] and args["--signal"] is None:
         raise UsageError("--all goes with --signal")
     sig = parse_signal(args["--signal"]) if args["--signal"] is not None else None
