@@ -178,6 +178,29 @@ def reap_tree(proc: subprocess.Popen, timeout: float = 5.0) -> None:
             stream.close()
 
 
+def run_bin(
+    name: str, *args: str, timeout: float = DEADLINE, text: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``bin/NAME ARGS`` to completion in its own session, stdin closed; kill and reap
+    it, and whatever it started, if it overruns ``timeout`` (an assertion failure)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(BIN / name), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=text,
+        env=child_env(),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"bin/{name} {' '.join(args)} ran over {timeout:g} s") from None
+    finally:
+        reap_tree(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 class Peer:
     """A raw TCP client driven the way a person drives ``nc``, with deadlines."""
 

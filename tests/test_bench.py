@@ -12,7 +12,7 @@ import pytest
 
 from forkchat import __version__
 from forkchat import bench as b
-from support import BIN, child_env, reap_tree
+from support import BIN, child_env, run_bin
 
 SMOKE_TIMEOUT = 60.0
 
@@ -251,21 +251,7 @@ def test_version_and_help():
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     """Run bin/bench in its own session; kill it and all it started if it overruns."""
-    proc = subprocess.Popen(
-        [sys.executable, str(BIN / "bench"), *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=SMOKE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        reap_tree(proc)
-        raise AssertionError(f"bin/bench {' '.join(args)} ran over {SMOKE_TIMEOUT:g} s") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_bin("bench", *args, timeout=SMOKE_TIMEOUT)
 
 
 def assert_spread(summary: dict, count: int) -> None:

@@ -19,7 +19,7 @@ import pexpect
 import psutil
 import pytest
 
-from support import BIN, DEADLINE, OutputTail, Peer, child_env, reap_tree, wait_until
+from support import BIN, DEADLINE, OutputTail, Peer, child_env, reap_tree, run_bin, wait_until
 
 CLIENT = str(BIN / "client")
 PTY_TIMEOUT = 5.0
@@ -453,19 +453,7 @@ def test_connection_lost_without_bye(fake_server):
 
 
 def run_client_command(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(
-        [sys.executable, CLIENT, *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=child_env(),
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=DEADLINE)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    finally:
-        reap_tree(proc)
+    return run_bin("client", *args, text=False)
 
 
 def test_refused_connection_is_one_line():

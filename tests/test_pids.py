@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from forkchat import pids
-from support import BIN, DEADLINE, LISTEN_RE, OutputTail, child_env, reap_tree
+from support import DEADLINE, LISTEN_RE, OutputTail, child_env, reap_tree, run_bin
 
 # A stand-in for bin/client: ``[NAME] --port PORT``. Prints its own address, sends the
 # name if given, then prints every line from the server until the server closes.
@@ -130,14 +130,7 @@ def crowd(server, clients):
 
 
 def run_pids(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(BIN / "pids"), *args],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=DEADLINE,
-        start_new_session=True,
-    )
+    return run_bin("pids", *args)
 
 
 def pids_json(port: int) -> list[dict]:

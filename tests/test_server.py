@@ -13,20 +13,23 @@ import pexpect
 import psutil
 import pytest
 
-from support import BIN, DEADLINE, Peer, ServerProc, child_env, pair, socket_fds, wait_until
+from support import (
+    BIN,
+    DEADLINE,
+    Peer,
+    ServerProc,
+    child_env,
+    pair,
+    run_bin,
+    socket_fds,
+    wait_until,
+)
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"
 
 
 def run_server_cli(*args: str, timeout: float = DEADLINE) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(BIN / "server"), *args],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=timeout,
-        start_new_session=True,
-    )
+    return run_bin("server", *args, timeout=timeout)
 
 
 def test_listen_line_is_first_and_names_the_pid(server):
