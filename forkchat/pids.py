@@ -13,7 +13,9 @@ Options:
   -h --help      Show this help.
   --version      Show the version.
 
-The server is the process listening on PORT, the rooms are its children, the clients
+The server is the forkchat server listening on PORT (a process named forkchat-server:
+anything else holding the port is named on stderr, and neither listed nor signalled),
+the rooms are its children, named "#N:alice+bob" after their process title, the clients
 are the processes connected to it. SIGUSR2 makes the server print its client count;
 SIGUSR1 or SIGTERM shut it down (and, sent to clients with --all, end them).
 """
@@ -21,6 +23,7 @@ SIGUSR1 or SIGTERM shut it down (and, sent to clients with --all, end them).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -41,6 +44,8 @@ DEFAULT_CLIENT_NAME = "client"  # bin/client's name when none is given
 CLIENT_SCRIPTS = ("bin/client", "forkchat-client")
 CLIENT_VALUE_OPTIONS = ("--host", "--port")  # bin/client options that take a value
 HIDDEN = "access denied"
+SERVER_TITLE = "forkchat-server"  # comm, and the first word of the full title
+ROOM_TITLE_RE = re.compile(r"forkchat-room (\d+) (\S+\+\S+)")
 COLUMNS = ("ROLE", "PID", "PPID", "NAME", "ADDRESS", "PEER", "AGE")
 
 
@@ -63,6 +68,7 @@ class Entry:
     """One row: a server, a room worker or a client connection.
 
     ``pid`` and ``ppid`` are None for another user's process that psutil cannot see.
+    ``room`` (rooms only) is the room's number, from its process title, when it has one.
     ``holder`` (clients only) is the PID of the server or room holding the other end;
     ``ends`` (server and rooms only) the (local, remote) addresses of its connections.
     """
@@ -76,6 +82,7 @@ class Entry:
     age: float | None
     holder: int | None = None
     note: str | None = None
+    room: int | None = None
     proc: psutil.Process | None = field(default=None, repr=False, compare=False)
     ends: list[tuple[str, str]] = field(default_factory=list, repr=False, compare=False)
 
@@ -164,8 +171,67 @@ def parent_listener(proc: psutil.Process, port: int) -> psutil.Process | None:
     return parent if parent is not None and listens_on(parent, port) else None
 
 
+def is_forkchat_server(name: str, cmdline: list[str]) -> bool:
+    """True for a forkchat server, from its process name (comm, or what psutil's
+    ``name()`` made of it) and its command line: either begins with ``forkchat-server``.
+
+    The command line may be a title set with setproctitle, one string padded with empty
+    ones (``['forkchat-server --port 0', '', '']``) or split on spaces.
+    """
+    words = " ".join(cmdline).split()
+    return name.split(" ")[0] == SERVER_TITLE or bool(words and words[0].startswith(SERVER_TITLE))
+
+
+def room_title(cmdline: list[str]) -> tuple[int, str] | None:
+    """(number, ``alice+bob``) from a room worker's title ``forkchat-room 7 alice+bob``,
+    whichever way psutil split it; None for any other command line (an older server's
+    room, whose command line is still the server's)."""
+    match = ROOM_TITLE_RE.fullmatch(" ".join(" ".join(cmdline).split()))
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def foreign_text(port: int, pid: int, name: str) -> str:
+    """The line for a listener on the port that is not a forkchat server."""
+    return (
+        f"port {port} is held by pid {pid} ({name}), which is not a forkchat server; "
+        "not listed, not signalled"
+    )
+
+
+def read_identity(proc: psutil.Process) -> tuple[str, list[str]]:
+    """(name, command line) of a process; empty where psutil may not read them."""
+    identity: list[Any] = []
+    for read, empty in ((proc.name, ""), (proc.cmdline, [])):
+        try:
+            identity.append(read())
+        except (psutil.AccessDenied, psutil.ZombieProcess):
+            identity.append(empty)
+    return identity[0], identity[1]
+
+
+def keep_forkchat(procs: list[psutil.Process], port: int) -> list[psutil.Process]:
+    """The forkchat servers among the listeners. Every other listener is named on stderr;
+    if none is a forkchat server, LookupFailed names the first one."""
+    servers, foreign = [], []
+    for proc in procs:
+        try:
+            name, cmdline = read_identity(proc)
+        except psutil.NoSuchProcess:
+            continue
+        if is_forkchat_server(name, cmdline):
+            servers.append(proc)
+        else:
+            foreign.append(foreign_text(port, proc.pid, name or "?"))
+    if foreign and not servers:
+        raise LookupFailed(foreign[0])
+    for line in foreign:
+        print(f"forkchat pids: {line}", file=sys.stderr)
+    return servers
+
+
 def find_servers(conns: list[Any], port: int) -> list[psutil.Process]:
-    """The server processes listening on ``port``. Raises LookupFailed if there is none."""
+    """The forkchat servers listening on ``port``. Raises LookupFailed if there is none,
+    naming what holds the port instead if anything does."""
     listening = [c for c in conns if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     credited = {c.pid for c in listening if c.pid is not None}
     if listening and not credited:
@@ -175,7 +241,7 @@ def find_servers(conns: list[Any], port: int) -> list[psutil.Process]:
         )
     procs = collect_listeners(credited, port)
     ppids = {pid: parent_pid(proc) for pid, proc in procs.items()}
-    servers = [procs[pid] for pid in pick_servers(ppids)]
+    servers = keep_forkchat([procs[pid] for pid in pick_servers(ppids)], port)
     if not servers:
         raise LookupFailed(f"no server listening on port {port} (start one with make run)")
     return servers
@@ -330,9 +396,11 @@ def describe_rooms(server: psutil.Process, by_pid: dict[int, list[Any]], now: fl
         return []
     for child in children:
         try:
-            rooms.append(describe_family(child, "room", by_pid.get(child.pid, []), now))
+            room = describe_family(child, "room", by_pid.get(child.pid, []), now)
+            room.room, room.name = room_title(read_identity(child)[1]) or (None, None)
         except psutil.NoSuchProcess:
             continue
+        rooms.append(room)
     return sorted(rooms, key=lambda e: (-(e.age or 0), e.pid))
 
 
@@ -358,9 +426,9 @@ def find_clients(conns: list[Any], family: list[Entry], now: float) -> list[Entr
 
 
 def name_rooms(family: list[Entry], clients: list[Entry]) -> None:
-    """A room's name is its clients' names in the order of its peers, ``alice+bob``,
-    where any is known (``alice+?`` where one is not)."""
-    for room in (e for e in family if e.role == "room"):
+    """A room without a title (an older server's) is named after its clients, in the
+    order of its peers, ``alice+bob``, where any is known (``alice+?`` where one is not)."""
+    for room in (e for e in family if e.role == "room" and e.room is None):
         by_address = {c.address: c.name for c in clients if c.holder == room.pid}
         names = [by_address.get(peer) for peer in room.peers]
         if any(names):
@@ -395,8 +463,17 @@ def format_peers(entry: Entry) -> str:
     return " ".join(entry.peers) if len(entry.peers) <= 2 else f"{len(entry.peers)} clients"
 
 
+def display_name(entry: Entry) -> str:
+    """The NAME column: ``#7:alice+bob`` for a titled room, the name, a note or ``-``."""
+    if entry.note:
+        return f"({entry.note})"
+    if entry.room is not None:
+        return f"#{entry.room}:{entry.name}"
+    return entry.name or "-"
+
+
 def table_row(entry: Entry) -> tuple[str, ...]:
-    name = f"({entry.note})" if entry.note else entry.name or "-"
+    name = display_name(entry)
     return (
         entry.role,
         "?" if entry.pid is None else str(entry.pid),

@@ -33,16 +33,33 @@ for line in sock.makefile("rb"):
     print(line.decode().rstrip("\\n"), flush=True)
 """
 
-# A listener shared after fork, held open by parent and child until stdin closes.
+# A listener shared after fork, held open by parent and child until stdin closes. argv[1]
+# says how the parent names itself: "comm" as today's server does (comm only), "title"
+# as a server does with setproctitle (full command line, comm left as Python's), "none"
+# (any program). The child takes the title of a room worker unless argv[2] is "untitled".
 SHARED_LISTENER_CODE = """\
 import os, socket, sys
+from setproctitle import setproctitle
+def comm(name):
+    with open("/proc/self/comm", "w") as f:
+        f.write(name)
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 sock.listen()
 child = os.fork()
 if child == 0:
+    if sys.argv[1] != "none":
+        comm("forkchat-room")
+    if sys.argv[2] == "titled":
+        setproctitle("forkchat-room 7 alice+bob")
+        comm("forkchat-room 7")
     sys.stdin.buffer.read()
     os._exit(0)
+if sys.argv[1] == "comm":
+    comm("forkchat-server")
+elif sys.argv[1] == "title":
+    setproctitle("forkchat-server --port 0")
+    comm("python3")
 print(sock.getsockname()[1], child, flush=True)
 sys.stdin.buffer.read()
 os.waitpid(child, 0)
@@ -159,8 +176,11 @@ def test_json_reports_every_pid_right(server, crowd):
         room = found_rooms[pid]
         assert room["ppid"] == server.pid and room["address"] == here
         assert set(room["peers"]) == {first.address, second.address}
-        names = dict(zip(room["peers"], room["name"].split("+"), strict=True))
-        assert names == {first.address: first.name, second.address: second.name}
+        if room["room"] is None:  # named after its clients, in the order of its peers
+            names = dict(zip(room["peers"], room["name"].split("+"), strict=True))
+            assert names == {first.address: first.name, second.address: second.name}
+        else:  # named by its title, in the order of arrival
+            assert room["name"] == f"{first.name}+{second.name}"
         assert 0 <= room["age"] < DEADLINE
 
     found_clients = {e["pid"]: e for e in entries if e["role"] == "client"}
@@ -182,7 +202,12 @@ def test_table_lists_the_same_processes(server, crowd):
     rows = [line.split() for line in lines[1:]]
     me = os.getpid()
     # A room's names follow its PEER column, sorted by address: compare them as a set.
-    got = {(f[0], int(f[1]), int(f[2]), frozenset(f[3].split("+"))) for f in rows}
+    # A titled room shows its number first: #1:alice+bob.
+    names = [re.sub(r"^#\d+:", "", f[3]) for f in rows]
+    got = {
+        (f[0], int(f[1]), int(f[2]), frozenset(n.split("+")))
+        for f, n in zip(rows, names, strict=True)
+    }
     want = {("server", server.pid, me, frozenset("-"))}
     want |= {
         ("room", pid, server.pid, frozenset((a.name, b.name))) for pid, (a, b) in rooms.items()
@@ -268,10 +293,13 @@ def test_bad_values_exit_2_without_traceback(argv):
 
 
 @pytest.fixture
-def shared_listener():
-    """(port, parent pid, child pid) of a process whose forked child holds its listener."""
+def shared_listener(request):
+    """(port, parent pid, child pid) of a process whose forked child holds its listener;
+    named as ``request.param`` says (``(parent naming, child titled)``), by default like
+    today's server: comm only."""
+    naming, titled = getattr(request, "param", ("comm", "untitled"))
     proc = subprocess.Popen(
-        [sys.executable, "-c", SHARED_LISTENER_CODE],
+        [sys.executable, "-c", SHARED_LISTENER_CODE, naming, titled],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=child_env(),
@@ -324,3 +352,37 @@ def test_server_listen_line_matches_what_pids_reports(server):
     m = LISTEN_RE.search(server.out.lines[0])
     assert roles(entries) == [("server", int(m.group(3)), os.getpid())]
     assert entries[0]["address"] == f"{m.group(1)}:{m.group(2)}"
+
+
+# -- only a forkchat server is listed or signalled (issue 12, item 3) ------------------------
+
+
+@pytest.mark.parametrize(
+    "shared_listener", [("title", "titled"), ("comm", "titled")], indirect=True
+)
+def test_a_room_is_named_by_its_title_and_the_server_by_comm_or_title(shared_listener):
+    port, parent, child = shared_listener
+    entries = pids_json(port)
+    assert roles(entries) == [("server", parent, os.getpid()), ("room", child, parent)]
+    assert (entries[1]["room"], entries[1]["name"]) == (7, "alice+bob")
+    done = run_pids("--port", str(port))
+    assert done.stdout.splitlines()[2].split()[:4] == [
+        "room",
+        str(child),
+        str(parent),
+        "#7:alice+bob",
+    ]
+
+
+@pytest.mark.parametrize("shared_listener", [("none", "untitled")], indirect=True)
+@pytest.mark.parametrize("args", [(), ("--signal", "USR1"), ("--signal", "USR1", "--all")])
+def test_a_listener_that_is_not_forkchat_is_named_not_signalled(shared_listener, args):
+    port, parent, child = shared_listener
+    listener = psutil.Process(parent)
+    done = run_pids("--port", str(port), *args)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == (
+        f"forkchat pids: port {port} is held by pid {parent} ({listener.name()}), "
+        "which is not a forkchat server; not listed, not signalled\n"
+    )
+    assert listener.status() != psutil.STATUS_ZOMBIE and psutil.Process(child).is_running()

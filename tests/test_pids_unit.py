@@ -376,3 +376,64 @@ def test_another_users_process_is_reported_as_access_denied(capsys):
         "not sent SIGUSR1 to server pid 10 (127.0.0.1:4000): access denied, another user's process",
         "not sent SIGUSR1 to client pid ? (127.0.0.1:5001): access denied, another user's process",
     ]
+
+
+# -- recognising forkchat processes (issue 12, item 3) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "cmdline", "server"),
+    [
+        ("forkchat-server", ["/venv/bin/python", "bin/server", "--port", "0"], True),  # comm
+        ("python3", ["forkchat-server --port 0", "", "", ""], True),  # title, padded
+        ("python3", ["forkchat-server", "--port", "0"], True),  # title split on spaces
+        ("forkchat-server --port 0", ["forkchat-server --port 0", ""], True),  # psutil name()
+        ("x.pid", ["forkchat-server --pidfile /run/x.pid", ""], True),  # basename of a title
+        ("python3", ["python3", "-m", "http.server", "33016"], False),
+        ("python3", ["python3", "bin/server", "--port", "0"], False),  # no name set
+        ("nc", ["nc", "-l", "33016"], False),
+        ("forkchat-room", ["forkchat-room 7 alice+bob", ""], False),  # a room is no server
+        ("", [], False),  # nothing readable
+    ],
+)
+def test_is_forkchat_server_by_comm_or_title(name, cmdline, server):
+    assert pids.is_forkchat_server(name, cmdline) is server
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "title"),
+    [
+        (["forkchat-room 7 alice+bob", "", "", ""], (7, "alice+bob")),  # setproctitle
+        (["forkchat-room", "7", "alice+bob"], (7, "alice+bob")),  # split on spaces
+        (["forkchat-room 12 a.b-c_d+?", ""], (12, "a.b-c_d+?")),  # a name not known
+        (["forkchat-room 7 alice+bob "], (7, "alice+bob")),
+        (["/venv/bin/python", "bin/server", "--port", "0"], None),  # today's room
+        (["forkchat-room 7", ""], None),  # no names
+        (["forkchat-room x alice+bob"], None),
+        (["forkchat-server --port 0"], None),
+        ([], None),
+    ],
+)
+def test_room_title_parses_number_and_names(cmdline, title):
+    assert pids.room_title(cmdline) == title
+
+
+def test_a_titled_room_shows_its_number_and_keeps_its_names():
+    server, room = family(4000)
+    room.room, room.name = 7, "alice+bob"
+    clients = [Entry("client", 21, 1, "carol", "127.0.0.1:5001", [], 1.0, holder=11)]
+    pids.name_rooms([server, room], clients)  # the title wins over the client's name
+    assert pids.table_row(room)[3] == "#7:alice+bob"
+    assert (room.to_json()["room"], room.to_json()["name"]) == (7, "alice+bob")
+    assert pids.table_row(server)[3] == "-"
+
+
+def test_foreign_listener_alone_fails_with_its_pid_and_name(monkeypatch):
+    monkeypatch.setattr(pids, "read_identity", lambda proc: ("python3", ["python3", "-m", "x"]))
+    proc = psutil.Process()
+    with pytest.raises(pids.LookupFailed) as failed:
+        pids.keep_forkchat([proc], 4000)
+    assert str(failed.value) == (
+        f"port 4000 is held by pid {proc.pid} (python3), which is not a forkchat server; "
+        "not listed, not signalled"
+    )
