@@ -41,8 +41,15 @@ def to_number(args: dict, option: str, kind: Callable, low: float, high: float) 
     except ValueError:
         raise UsageError(f"{option} must be a number, not {raw!r}") from None
     if not low <= value <= high or value != value:  # value != value: NaN
-        raise UsageError(f"{option} must be between {low:g} and {high:g}, not {raw!r}")
+        raise UsageError(
+            f"{option} must be between {format_limit(low)} and {format_limit(high)}, not {raw!r}"
+        )
     return value
+
+
+def format_limit(value: float) -> str:
+    """A range limit as people write it: 1048576, 0.01, 86400 (never 1.04858e+06)."""
+    return str(int(value)) if value == int(value) else repr(value)
 
 
 def parse_port(text: str, low: int = 1) -> int:

@@ -9,7 +9,9 @@ Options:
   --host HOST          Address to listen on [default: 127.0.0.1].
   --port PORT          TCP port; 0 picks a free one [default: 33016].
   --max-rooms N        Rooms open at once; further pairs wait [default: 200].
-  --max-waiting N      Named clients not yet in a room; more get BYE full [default: 1000].
+  --max-waiting N      Named clients not yet in a room; more get BYE full. Connections
+                       still sending their name are capped by the same number,
+                       counted apart [default: 1000].
   --max-line BYTES     Longest line accepted, LF excluded [default: 4096].
   --name-timeout SEC   Seconds a new client has to send its name [default: 30].
   --idle-timeout SEC   Seconds without a message before a room closes, 0 = never
@@ -28,8 +30,9 @@ import sys
 
 from . import __version__
 from .args import UsageError, parse_port, parse_usage, to_number
-from .log import Log, want_color
-from .server import Options, Server, StartupError, remove_pidfile, set_process_name
+from .log import Log, detach_stdout, want_color
+from .proctitle import SERVER_NAME, set_comm
+from .server import Options, Server, StartupError, remove_pidfile
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"forkchat server: {exc} (see --help)", file=sys.stderr)
         return EXIT_USAGE
-    set_process_name("forkchat-server")
+    set_comm(SERVER_NAME)  # the command line stays as typed: it says how it was started
+    detach_stdout()
     log = Log("server", want_color(sys.stdout, opts.no_color))
     server = Server(opts, log)
     try:

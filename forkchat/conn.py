@@ -87,7 +87,7 @@ class Conn:
         self.state = HANDSHAKE
         self.deadline = 0.0
         self.wr_shut = False
-        self.eof = False  # the peer closed its side (seen while closing ours)
+        self.eof = False  # the peer closed its side (FIN): it sends no more
         self.events = 0  # what the owner's selector watches for on this socket now
 
     def __repr__(self) -> str:
@@ -99,7 +99,8 @@ class Conn:
         return f"{self.name} {self.peer}" if self.name else self.peer
 
     def receive(self) -> bool:
-        """Read what is available into ``inbox``. False when the peer closed or reset.
+        """Read what is available into ``inbox``. False when the peer closed or reset:
+        ``eof`` then tells a FIN (it may still read what we send) from a reset.
 
         Never blocks; a read that would block counts as still open.
         """
@@ -110,6 +111,7 @@ class Conn:
         except OSError:
             return False  # reset, keepalive timeout: the peer is gone
         if not size:
+            self.eof = True
             return False
         self.inbox.extend(self.reader.feed(_RECV_BUFFER[:size]))
         return True

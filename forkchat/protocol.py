@@ -50,8 +50,10 @@ BYE_TIMEOUT = "timeout"
 BYE_FULL = "full"
 BYE_BAD_NAME = "bad-name"
 BYE_ERROR = "error"
+BYE_CLOSED = "closed"  # the operator stopped this room alone (SIGTERM to its worker)
 BYE_REASONS = frozenset(
     {
+        BYE_CLOSED,
         BYE_EXIT,
         BYE_PARTNER_EXIT,
         BYE_PARTNER_LOST,
@@ -64,6 +66,7 @@ BYE_REASONS = frozenset(
 )
 
 SHUTDOWN_TEXT = "SERVER WILL CLOSE NOW"
+CLOSED_TEXT = "the server's operator closed this room"
 HELLO_TEXT = f"forkchat/{PROTOCOL_VERSION} send your name: {NAME_RULE}"
 
 _ERR_TEXT = {

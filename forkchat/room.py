@@ -27,21 +27,25 @@ from .log import Log
 EXIT_OK = 0
 EXIT_CRASH = 70  # EX_SOFTWARE: a bug in the worker; logged in one line, pair told BYE error
 LINGER = 2.0  # seconds to deliver BYE and see the peer close before closing anyway
-# Signals that end a room (and, in the parent, the server). SIGHUP: the terminal closed.
+# Signals that end the server. SIGHUP: the terminal closed (unless nohup ignored it).
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PARENT_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR2)
+# Signals that end a room: SIGUSR1 is the server's shutdown, passed on by the parent;
+# SIGTERM stops this room alone (an operator's ``kill``).
+ROOM_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# Ignored in a room: the terminal sends SIGINT (Ctrl-C) and SIGHUP to the whole process
+# group, parent included, and the parent's shutdown reaches the room as SIGUSR1; SIGUSR2
+# asks the parent for a report, and a stray one sent to the group must not end rooms.
+ROOM_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 
 
 def reset_inherited_signals() -> None:
-    """First thing in a fresh worker: drop the parent's wakeup fd and handlers.
-
-    SIGUSR2 is ignored: it asks the parent for a report, and a stray one sent to the
-    whole process group (``kill -USR2 -- -PGID``) must not end every room.
-    """
+    """First thing in a fresh worker: drop the parent's wakeup fd and handlers."""
     signal.set_wakeup_fd(-1)
-    for sig in STOP_SIGNALS:
+    for sig in ROOM_STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    for sig in ROOM_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Room:
@@ -73,7 +77,7 @@ class Room:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in STOP_SIGNALS:
+        for sig in ROOM_STOP_SIGNALS:
             signal.signal(sig, lambda *_: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
         parent = multiprocessing.parent_process()
@@ -127,14 +131,17 @@ class Room:
             self.handle_readable(what)
 
     def handle_signal(self) -> None:
+        """SIGUSR1: the server is shutting down. SIGTERM: this room alone is stopped."""
         try:
             data = os.read(self.wake_r, 64)
         except BlockingIOError:
             return
-        if data:
-            name = signal.Signals(data[0]).name
+        if signal.SIGUSR1 in data:
             byes = {c: (p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT) for c in self.conns}
-            self.end(f"server shutdown ({name})", byes)
+            self.end("server shutdown (SIGUSR1)", byes)
+        elif data:
+            byes = {c: (p.BYE_CLOSED, p.CLOSED_TEXT) for c in self.conns}
+            self.end(f"stopped by {signal.Signals(data[0]).name}", byes)
 
     def check_idle(self) -> None:
         if self.ended or not self.idle_timeout:
@@ -145,7 +152,8 @@ class Room:
 
     def handle_readable(self, conn: Conn) -> None:
         if not conn.receive():
-            self.lose(conn, "vanished without exit")
+            why = "closed without exit" if conn.eof else "vanished without exit"
+            self.lose(conn, why)
             return
         self.handle_inbox(conn)
 
@@ -202,18 +210,27 @@ class Room:
     # -- the end --------------------------------------------------------------------------
 
     def lose(self, gone: Conn, why: str) -> None:
-        """``gone`` vanished (or was dropped): close it now, tell the partner."""
+        """``gone`` left without ``exit`` (closed, reset, or dropped): tell the partner.
+
+        One that only closed its side (FIN) may still read: what is queued for it is
+        delivered before the close. Otherwise it is closed now.
+        """
         if self.ended:
             return
         self.clients.value = 1  # before anything that may block, such as the log
         self.sel.unregister(gone.fd)
-        gone.close()
+        if not gone.eof:
+            gone.close()
         self.log.departure(gone.label, why)
         partner = self.partner(gone)
-        self.end(f"{gone.name} lost", {partner: (p.BYE_PARTNER_LOST, f"{gone.name} vanished")})
+        byes = {partner: (p.BYE_PARTNER_LOST, f"{gone.name} vanished")}
+        self.end(f"{gone.name} lost", byes, [gone] if gone.eof else [])
 
-    def end(self, why: str, byes: dict[Conn, tuple[str, str]]) -> None:
-        """Say BYE to the clients still here, let them read it, close, log the room closed."""
+    def end(
+        self, why: str, byes: dict[Conn, tuple[str, str]], also: list[Conn] | None = None
+    ) -> None:
+        """Say BYE to the clients still here, let them (and ``also``, told nothing more)
+        read what is queued, close, log the room closed."""
         if self.ended:
             return
         self.ended = True
@@ -223,7 +240,7 @@ class Room:
         for conn, (reason, text) in byes.items():
             self.log.departure(conn.label, reason)
             conn.out += p.bye_line(reason, text)
-        self.linger(list(byes))
+        self.linger([*byes, *(also or [])])
         for conn in self.conns:
             conn.close()
         self.log.event("close", f"room {self.number} closed: {why}")

@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from .conn import (
 )
 from .fdmap import FdMap
 from .log import Log
+from .proctitle import ROOM_NAME, is_server_pid, room_title, set_title
 from .room import LINGER, PARENT_SIGNALS, reset_inherited_signals, run_room
 
 # The start method is pinned once, here: rooms are forked (Python 3.14 changes the default).
@@ -45,6 +47,7 @@ BACKLOG = 4096
 ACCEPT_BATCH = 256  # accepts per wake-up, so a connect storm cannot starve the rest
 ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of file descriptors
 STOP_GRACE = 5.0  # seconds rooms get to say BYE at shutdown before they are killed
+BACKLOG_GRACE = 1.0  # seconds to accept and tell the kernel's queue at shutdown
 
 
 class StartupError(Exception):
@@ -139,11 +142,16 @@ class Server:
         self.log.plain(f"forkchat server listening on {self.address} pid {os.getpid()}")
 
     def install_signals(self) -> None:
-        """Handlers only wake the loop: the C handler writes the signal number to wake_w."""
+        """Handlers only wake the loop: the C handler writes the signal number to wake_w.
+
+        A SIGHUP that was ignored when we started (``nohup``) stays ignored.
+        """
         for sock in (self.wake_r, self.wake_w):
             sock.setblocking(False)
         signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
         for sig in PARENT_SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             signal.signal(sig, lambda *_: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self.read_signals)
 
@@ -163,7 +171,13 @@ class Server:
         return EXIT_OK
 
     def close(self) -> None:
-        """Release the parent's resources (after the loop, or on a start-up error)."""
+        """Release the parent's resources (after the loop, or on a start-up error).
+
+        The stop signals are blocked first: the interpreter restores their default
+        action on its way out, and a second SIGTERM then would make a clean shutdown
+        end with status -15.
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
         signal.set_wakeup_fd(-1)
         if self.listener is not None:
             self.listener.close()
@@ -233,6 +247,26 @@ class Server:
         self.handshaking[conn.fd] = conn
         self.register(conn)
 
+    def turn_away_backlog(self) -> None:
+        """At shutdown: accept the connections still in the kernel's queue and tell
+        them ``BYE shutdown`` rather than let the close reset them (bounded in time)."""
+        deadline = time.monotonic() + BACKLOG_GRACE
+        while time.monotonic() < deadline:
+            try:
+                sock, addr = self.listener.accept()
+            except OSError:
+                return  # empty (EAGAIN), or out of fds: the rest get the reset
+            try:
+                tune_socket(sock)
+            except OSError:
+                sock.close()
+                continue
+            conn = Conn(sock, format_peer(addr), self.opts.max_line)
+            self.fds.own(conn.fd)
+            self.log.event("connect", f"client connected {conn.peer}")
+            self.register(conn)
+            self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
+
     def pause_accepting(self, exc: OSError) -> None:
         """Out of fds: stop accepting for a moment instead of spinning on the listener."""
         if not self.accept_resume:
@@ -273,13 +307,26 @@ class Server:
         return self.handshaking.get(fd) or self.waiting.get(fd) or self.closing.get(fd)
 
     def read_client(self, conn: Conn) -> bool:
-        """Read and handle input. False if the connection left the parent's hands."""
-        if not conn.receive():
-            where = "before naming" if conn.state == HANDSHAKE else "while waiting"
-            self.drop(conn, f"closed {where}")
+        """Read and handle input. False if the connection left the parent's hands.
+
+        A FIN only means the client sends no more: the lines before it are handled in
+        order (a name, then ``exit``, may pair it first), and what is queued for it is
+        still delivered before the close. A reset loses it at once.
+        """
+        alive = conn.receive()
+        if not alive and not conn.eof:
+            self.drop(conn, "connection reset")
             return False
         self.handle_inbox(conn)
-        return conn.state in (HANDSHAKE, WAITING)
+        if not alive and conn.state in (HANDSHAKE, WAITING):
+            self.end_input(conn)
+        return alive and conn.state in (HANDSHAKE, WAITING)
+
+    def end_input(self, conn: Conn) -> None:
+        """A client in the parent closed its side with nothing left to handle: deliver
+        what is queued for it, then close (it will never name itself or write)."""
+        where = "before naming" if conn.state == HANDSHAKE else "while waiting"
+        self.close_gracefully(conn, f"closed {where}")
 
     def write_client(self, conn: Conn) -> None:
         """Send pending output; watch for writability only while some is left."""
@@ -365,11 +412,16 @@ class Server:
     def say_bye(self, conn: Conn, reason: str, text: str, why: str = "") -> None:
         """Log the departure, send the last line and move the client to closing (FIN,
         then wait for its close). ``why`` is for the log; the BYE reason by default."""
-        self.log.departure(conn.label, why or reason)
+        self.close_gracefully(conn, why or reason, p.bye_line(reason, text))
+
+    def close_gracefully(self, conn: Conn, why: str, last: bytes = b"") -> None:
+        """Log the departure and move the client to closing: what is queued, then
+        ``last``, is delivered, then FIN, then the wait for its close (bounded)."""
+        self.log.departure(conn.label, why)
         self.forget(conn)
         conn.state = CLOSING
         conn.inbox.clear()
-        conn.out += p.bye_line(reason, text)
+        conn.out += last
         conn.deadline = time.monotonic() + LINGER
         self.closing[conn.fd] = conn
         self.close_client(conn, 0)
@@ -399,10 +451,11 @@ class Server:
         ):
             fds = iter(self.waiting)
             first, second = self.waiting[next(fds)], self.waiting[next(fds)]
-            # A client whose close the loop has not read yet must not be paired.
-            dead = [conn for conn in (first, second) if conn.peer_closed()]
+            # A client that closed (the loop has not read it yet) with no line left to
+            # handle has nothing to do in a room; with lines left (``exit``) it goes in.
+            dead = [conn for conn in (first, second) if not conn.inbox and conn.peer_closed()]
             for conn in dead:
-                self.drop(conn, "closed while waiting")
+                self.end_input(conn)
             if not dead:
                 self.open_room(first, second)
 
@@ -483,7 +536,7 @@ class Server:
         """
         reset_inherited_signals()
         self.close_inherited(keep=(first, second))
-        set_process_name("forkchat-room")
+        set_title(room_title(number, first.name, second.name), ROOM_NAME)
         log = Log(f"room {number} pid {os.getpid()}", self.log.color, self.log.stream)
         sys.exit(run_room(number, first, second, clients, self.opts.idle_timeout, log))
 
@@ -541,15 +594,8 @@ class Server:
 
     def handle_usr2(self) -> None:
         """SIGUSR2: the number of connected clients, then, on the next line (one write),
-        the rooms, waiting and handshaking counts."""
-        rooms = [room for room in self.rooms.values() if room.proc.exitcode is None]
-        in_rooms = sum(max(0, room.clients.value) for room in rooms)
-        clients = len(self.handshaking) + len(self.waiting) + in_rooms
-        self.log.plain(
-            f"NUMBER OF CLIENTS : ** {clients} **\n"
-            f"rooms {len(rooms)}, waiting {len(self.waiting)}, "
-            f"handshaking {len(self.handshaking)}"
-        )
+        the rooms, waiting and handshaking counts (see :func:`format_report`)."""
+        self.log.plain(format_report(self.rooms.values(), len(self.waiting), len(self.handshaking)))
 
     def handle_usr1(self) -> None:
         self.begin_shutdown("SIGUSR1")
@@ -575,15 +621,30 @@ class Server:
         if not self.accept_resume:
             self.sel.unregister(self.listener)
         self.accept_resume = 0.0
+        self.turn_away_backlog()
         self.fds.disown(self.listener.fileno())
         self.listener.close()
         for conn in [*self.handshaking.values(), *self.waiting.values()]:
             self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
         for room in self.rooms.values():
-            try:
+            # exitcode polls: a worker already reaped is never signalled (its PID may
+            # belong to someone else by now); its sentinel still ends it in the loop.
+            if room.proc.exitcode is None:
                 os.kill(room.proc.pid, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
+
+
+def format_report(rooms: Any, waiting: int, handshaking: int) -> str:
+    """The SIGUSR2 report: ``NUMBER OF CLIENTS : ** N **`` and the counts line.
+
+    ``rooms`` are the RoomProcs not yet reaped. A worker that has exited (exitcode set,
+    reaped or not) counts neither as a room nor for its clients: it holds none.
+    """
+    live = [room for room in rooms if room.proc.exitcode is None]
+    clients = handshaking + waiting + sum(max(0, room.clients.value) for room in live)
+    return (
+        f"NUMBER OF CLIENTS : ** {clients} **\n"
+        f"rooms {len(live)}, waiting {waiting}, handshaking {handshaking}"
+    )
 
 
 def close_stray_pipes(candidates: list[int]) -> None:
@@ -624,15 +685,6 @@ def parent_pipe_fds(proc: Any) -> tuple[int, ...]:
     return (proc.sentinel,)
 
 
-def set_process_name(name: str) -> None:
-    """Name this process for ``top`` and ``ps -o comm`` (Linux, 15 bytes); best effort."""
-    try:
-        with open("/proc/self/comm", "w") as f:
-            f.write(name[:15])
-    except OSError:
-        pass
-
-
 def describe_exit(code: int) -> str:
     """``exited with status 3`` or ``killed by SIGKILL`` for a Process.exitcode."""
     if code < 0:
@@ -644,21 +696,35 @@ def describe_exit(code: int) -> str:
 
 
 def write_pidfile(path: str) -> None:
-    """Write our PID atomically. Raises StartupError if the file names another live
-    process or cannot be written."""
+    """Write our PID atomically. Raises StartupError if the file names a running
+    forkchat server, or cannot be written.
+
+    A stale file (after a SIGKILL or an OOM kill) naming some other live process does
+    not stop a restart. The temporary file is made by ``mkstemp`` (unpredictable name,
+    ``O_EXCL``), so a symlink planted next to the pidfile cannot redirect the write.
+    """
     try:
         with open(path) as f:
             other = int(f.read().strip() or 0)
     except (OSError, ValueError):
         other = 0
-    if other and other != os.getpid() and pid_alive(other):
-        raise StartupError(f"pidfile {path} names running process {other}")
-    tmp = f"{path}.{os.getpid()}.tmp"
+    if other and other != os.getpid() and is_server_pid(other):
+        raise StartupError(f"pidfile {path} names running forkchat server {other}")
+    folder, base = os.path.split(os.path.abspath(path))
     try:
-        with open(tmp, "w") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", dir=folder)
+    except OSError as exc:
+        raise StartupError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
             f.write(f"{os.getpid()}\n")
         os.replace(tmp, path)
     except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise StartupError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
 
 
@@ -670,13 +736,3 @@ def remove_pidfile(path: str) -> None:
                 os.unlink(path)
     except (OSError, ValueError):
         pass
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

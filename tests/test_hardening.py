@@ -61,17 +61,21 @@ def test_pidfile_is_written_at_start_and_removed_at_clean_exit(tmp_path):
 
 def test_pidfile_of_a_live_server_is_refused(tmp_path):
     pidfile = tmp_path / "forkchat.pid"
-    pidfile.write_text(f"{os.getpid()}\n")  # a live process: this test
-    result = subprocess.run(
-        [sys.executable, str(BIN / "server"), "--port", "0", "--pidfile", str(pidfile)],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=DEADLINE,
-    )
-    assert result.returncode == 1
-    assert len(result.stderr.strip().splitlines()) == 1 and "pidfile" in result.stderr
-    assert pidfile.read_text().strip() == str(os.getpid())
+    first = ServerProc("--no-color", "--pidfile", str(pidfile))
+    try:
+        result = subprocess.run(
+            [sys.executable, str(BIN / "server"), "--port", "0", "--pidfile", str(pidfile)],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=DEADLINE,
+        )
+        assert result.returncode == 1
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert f"names running forkchat server {first.pid}" in result.stderr
+        assert pidfile.read_text().strip() == str(first.pid)
+    finally:
+        first.stop()
 
 
 # -- framing --------------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""How forkchat's processes name themselves, and how to recognise a forkchat server.
+
+The server's ``comm`` (what ``top`` shows, 15 bytes) is ``forkchat-server``; its
+command line stays as it was typed. Each room worker's ``comm`` is ``forkchat-room`` and
+its full command line (``ps``, ``top -c``, ``bin/pids``) ``forkchat-room N alice+bob``,
+set with ``setproctitle``: the library gunicorn and Celery use, because it rewrites the
+process's own argv area, which is what ``/proc/PID/cmdline`` reads. ``bin/pids`` and
+the pidfile check rely on these names.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:  # a C extension: if a platform lacks it, comm alone still names the process
+    from setproctitle import setproctitle
+except ImportError:  # pragma: no cover
+    setproctitle = None
+
+SERVER_NAME = "forkchat-server"
+ROOM_NAME = "forkchat-room"
+
+
+def set_title(title: str, comm: str) -> None:
+    """Name this process: ``title`` for the full command line, ``comm`` (at most 15
+    bytes) for ``top`` and ``ps -o comm``. Best effort: never raises."""
+    if setproctitle is not None:
+        setproctitle(title)
+    set_comm(comm)
+
+
+def set_comm(comm: str) -> None:
+    """Set ``comm`` alone (at most 15 bytes). Best effort: never raises."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(comm[:15])
+    except OSError:
+        pass
+
+
+def room_title(number: int, first: str | None, second: str | None) -> str:
+    """``forkchat-room 7 alice+bob``: what a room worker calls itself."""
+    return f"{ROOM_NAME} {number} {first or '?'}+{second or '?'}"
+
+
+def is_server_pid(pid: int) -> bool:
+    """True if ``pid`` is a running forkchat server (by its comm or command line)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == SERVER_NAME:
+                return True
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().startswith(SERVER_NAME.encode())
+    except OSError:
+        return False
+
+
+def is_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists (ours to signal or not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
