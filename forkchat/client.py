@@ -1,15 +1,19 @@
 """forkchat client: chat with one partner through a forkchat server, taking turns.
 
 Usage:
-  client [USERNAME] [--host HOST] [--port PORT]
+  client [USERNAME] [--host HOST] [--port PORT] [--tls] [--cafile FILE]
   client (-h | --help)
   client --version
 
 Options:
-  --host HOST  Server address [default: 127.0.0.1].
-  --port PORT  Server TCP port [default: 33016].
-  -h --help    Show this help.
-  --version    Show the version.
+  --host HOST    Server address [default: 127.0.0.1].
+  --port PORT    Server TCP port [default: 33016].
+  --tls          Talk TLS (1.2 or later), checking the server's certificate against
+                 the system's CAs and its name against HOST.
+  --cafile FILE  Check the certificate against the CA certificates in FILE (PEM)
+                 instead: a private CA, or a self-signed certificate. Implies --tls.
+  -h --help      Show this help.
+  --version      Show the version.
 
 USERNAME (default "client") is 1 to 32 letters, digits, "_", "-" or ".".
 
@@ -17,17 +21,24 @@ On a terminal the client shows [WRITE] and a "NAME> " prompt on your turn only,
 [READ] while your partner writes, and server notices at once, even while you type.
 A line typed off your turn is held, not sent: held lines go out one per turn, in
 order, when your turn comes. "exit" is sent at once, turn or not.
+"next" is sent at once too: it leaves your partner for a new one and you stay
+connected ([WAIT], then [PAIRED] with someone else); lines held for the old partner
+are dropped. A [WAIT] after your partner left (a server run with --requeue) also
+keeps you connected, waiting for a new partner.
 Leave with "exit", Ctrl-D on an empty line, Ctrl-C, SIGTERM, SIGUSR1 or SIGHUP:
 the client sends "exit", waits up to 2 s for the server's goodbye, says why it
-left and exits 0.
+left and exits 0. SIGUSR2 prints a [STATUS] line and changes nothing.
 
-With piped input nothing is prompted: one line is read and sent per turn (blank
-lines skipped) and "exit" is sent at end of input.
+With piped input nothing is prompted: each line is sent on its turn (blank lines
+skipped), across partners; a "next" line is sent as soon as the lines before it
+have gone, turn or not; "exit" is sent at end of input. A closed standard input is
+an empty one.
 
 Exit status: 0 after leaving or a BYE exit, partner-exit, partner-lost, shutdown
-or timeout; 1 after BYE bad-name, full or error, a lost connection, or when the
-server cannot be reached; 2 for a bad command line. Text that came off the network
-is printed with terminal control sequences removed.
+or timeout; 1 after BYE bad-name, full or error, a lost connection, a failed TLS
+handshake, a closed standard output, or when the server cannot be reached; 2 for a
+bad command line. Text that came off the network is printed with terminal control
+sequences removed.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import re
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -58,7 +70,9 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 LEAVE_TIMEOUT = 2.0  # seconds to wait for the server's BYE after sending exit
 CONNECT_TIMEOUT = 10.0
-SERVER_LINE_MAX = 1 << 20  # the server's --max-line is unknown here; stay generous
+MAX_LINE_LIMIT = 1 << 20  # the largest --max-line a server accepts
+# The server's --max-line is unknown here: take its largest, plus the "MSG " before it.
+SERVER_LINE_MAX = MAX_LINE_LIMIT + len(protocol.msg_line(b"")) - 1
 READ_SIZE = 65536
 OK_REASONS = frozenset(
     {
@@ -70,6 +84,9 @@ OK_REASONS = frozenset(
     }
 )
 LEAVE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+STATUS_SIGNAL = signal.SIGUSR2  # bin/pids --signal USR2 --all: a status line, not death
+TLS_MINIMUM = ssl.TLSVersion.TLSv1_2
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 TTY_SIGNALS = (signal.SIGTSTP, signal.SIGCONT, signal.SIGWINCH)
 
 # Terminal control sequences: CSI (ESC [ or C1 CSI) with its parameters and final
@@ -166,6 +183,102 @@ def split_input(buffer: bytes, eof: bool) -> tuple[list[bytes], bytes]:
     return [line for line in lines if not protocol.is_blank(line)], rest
 
 
+def is_next(line: bytes) -> bool:
+    """True for a line that is just ``next``, surrounding spaces ignored (protocol 1.1)."""
+    return line.strip(b" \t") == b"next"
+
+
+def verify_error_text(host: str, port: int, reason: str) -> str:
+    """The one line printed when the server's certificate cannot be verified."""
+    return (
+        f"cannot verify the server's certificate at {format_address(host, port)}: {reason}; "
+        "use --cafile FILE for a private CA or self-signed certificate"
+    )
+
+
+def handshake_error_text(host: str, port: int, reason: str) -> str:
+    """The one line printed when the TLS handshake fails for another reason."""
+    return (
+        f"TLS handshake with {format_address(host, port)} failed ({reason}); "
+        "is the server running with TLS on that port?"
+    )
+
+
+# ---------------------------------------------------------------- the session's state
+
+CONNECTING = "connecting"  # the name is sent, no answer yet
+WAITING = "waiting"  # no partner: WAIT came (first, after next, or a partner left)
+PAIRED = "paired"  # in a room: PAIRED came
+ASKED_NEXT = "next"  # we sent next: lines of the old room may still come, until WAIT
+
+
+@dataclass
+class ChatState:
+    """Where the session stands: whom we chat with, whose turn it is.
+
+    Pure: it changes only with the server's lines (``take_*``) and what we send, so
+    the rules can be tested without sockets. A ``next`` leaves the room at once for
+    us: the old room's TURN lines still in flight are stale and ignored until WAIT.
+    """
+
+    phase: str = CONNECTING
+    partner: str = "partner"
+    my_turn: bool = False
+    sent: bool = False  # a message went out this turn; TURN READ comes next
+    leaving: bool = False
+
+    def take_wait(self) -> None:
+        """WAIT: no partner now, no turn."""
+        self.phase, self.my_turn, self.sent = WAITING, False, False
+
+    def take_paired(self, partner: str) -> None:
+        """PAIRED: a new room; TURN says who writes first."""
+        self.phase, self.partner, self.my_turn, self.sent = PAIRED, partner, False, False
+
+    def take_turn(self, write: bool) -> bool:
+        """TURN WRITE / TURN READ. False (and no change) when stale: after our next."""
+        if self.phase == ASKED_NEXT:
+            return False
+        self.my_turn, self.sent = write, False
+        return True
+
+    def take_err(self) -> bool:
+        """ERR: our last line was dropped. True if that gives us the turn back."""
+        if not self.my_turn or self.phase == ASKED_NEXT:
+            return False
+        self.sent = False
+        return True
+
+    def send_message(self) -> None:
+        """A chat line went out: the turn passes when TURN READ comes."""
+        self.sent = True
+
+    def ask_next(self) -> None:
+        """We sent ``next``: no partner, no turn, until WAIT and PAIRED."""
+        self.phase, self.my_turn, self.sent = ASKED_NEXT, False, False
+
+    def can_write(self) -> bool:
+        """True on our turn while no message of ours is on its way."""
+        return self.my_turn and not self.sent and not self.leaving
+
+
+def status_text(state: ChatState) -> str:
+    """What the session is doing, in a few words (the SIGUSR2 line)."""
+    if state.leaving:
+        return "leaving"
+    if state.phase == CONNECTING:
+        return "name sent, waiting for the server's answer"
+    if state.phase == WAITING:
+        return "waiting for a partner"
+    if state.phase == ASKED_NEXT:
+        return f"left {state.partner}, asking for a new partner"
+    if state.can_write():
+        return f"chatting with {state.partner}, your turn to write"
+    if state.my_turn:
+        return f"chatting with {state.partner}, your message is on its way"
+    return f"chatting with {state.partner}, {state.partner} is writing"
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -176,6 +289,8 @@ class Options:
     name: str
     host: str
     port: int
+    tls: bool = False
+    cafile: str | None = None
 
 
 def parse_username(text: str) -> str:
@@ -193,12 +308,28 @@ def parse_args(argv: list[str] | None = None) -> Options:
         name=parse_username(args["USERNAME"] or DEFAULT_NAME),
         host=args["--host"],
         port=parse_port(args["--port"]),
+        tls=args["--tls"] or args["--cafile"] is not None,
+        cafile=args["--cafile"],
     )
 
 
+def make_tls_context(cafile: str | None) -> ssl.SSLContext:
+    """A client context: TLS 1.2 or later, the certificate checked against the system's
+    CAs (or only those in ``cafile``), the host name checked. UsageError if ``cafile``
+    cannot be read."""
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise UsageError(f"--cafile {cafile}: cannot load CA certificates ({reason})") from None
+    context.minimum_version = max(context.minimum_version, TLS_MINIMUM)
+    return context
+
+
 def print_error(message: str) -> None:
-    """One line on stderr, prefixed with the program name."""
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, prefixed with the program name (nowhere if stderr is closed)."""
+    if sys.stderr is not None:
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- signals
@@ -317,16 +448,69 @@ def connect_socket(
 def wait_connected(
     selector: selectors.BaseSelector, sock: socket.socket, wakeup: SignalWakeup, deadline: float
 ) -> bool:
-    """One wait for the connect to finish: True when it has (well or not)."""
+    """One wait for the socket to be ready (connected, or ready for the handshake's next
+    step): True when it is. Raises TimeoutError at the deadline, :class:`Interrupted`
+    for a leave signal; other signals (SIGUSR2) change nothing here."""
     left = deadline - time.monotonic()
     if left <= 0:
         raise TimeoutError(errno.ETIMEDOUT, "timed out")
     ready = {key.fd for key, _ in selector.select(left)}
     if wakeup.fileno() in ready:
-        signums = wakeup.read()
-        if signums:
-            raise Interrupted(signums[0])
+        leave = [signum for signum in wakeup.read() if signum in LEAVE_SIGNALS]
+        if leave:
+            raise Interrupted(leave[0])
     return sock.fileno() in ready
+
+
+class TlsFailed(Exception):
+    """The TLS handshake failed: the message is the one line to print."""
+
+
+def start_tls(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    server: tuple[str, int],
+    wakeup: SignalWakeup,
+    timeout: float = CONNECT_TIMEOUT,
+) -> ssl.SSLSocket:
+    """TLS over a connected non-blocking socket, the handshake done without blocking (a
+    leave signal interrupts it). The certificate is checked for ``server``'s host.
+
+    Returns the non-blocking SSL socket, which now owns the connection (``sock`` is
+    detached). Raises :class:`TlsFailed` or :class:`Interrupted`; the socket is then
+    closed.
+    """
+    host, port = server
+    tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    try:
+        shake_hands(tls, wakeup, time.monotonic() + timeout)
+    except ssl.SSLCertVerificationError as exc:
+        tls.close()
+        raise TlsFailed(verify_error_text(host, port, exc.verify_message or str(exc))) from None
+    except OSError as exc:
+        tls.close()
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
+        raise TlsFailed(handshake_error_text(host, port, reason)) from None
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+def shake_hands(tls: ssl.SSLSocket, wakeup: SignalWakeup, deadline: float) -> None:
+    """Drive a non-blocking handshake to its end, waiting for whatever it asks for."""
+    with selectors.PollSelector() as selector:
+        selector.register(tls, selectors.EVENT_READ)
+        selector.register(wakeup.fileno(), selectors.EVENT_READ)
+        while True:
+            try:
+                tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                selector.modify(tls, selectors.EVENT_READ)
+            except ssl.SSLWantWriteError:
+                selector.modify(tls, selectors.EVENT_WRITE)
+            wait_connected(selector, tls, wakeup, deadline)
 
 
 # ---------------------------------------------------------------- the session
@@ -373,8 +557,8 @@ class ChatSession:
     the signal wakeup socket, and the client's side of the protocol.
 
     With an ``editor`` (interactive mode) stdin is a terminal in cbreak mode and is
-    always watched; without one stdin is read only when a line is needed to send.
-    :meth:`run` returns the exit status.
+    always watched; without one stdin is read a chunk ahead, whenever no line is held.
+    ``sock`` may be an SSL socket. :meth:`run` returns the exit status.
     """
 
     def __init__(
@@ -397,14 +581,11 @@ class ChatSession:
         self.reader = protocol.LineReader(SERVER_LINE_MAX)
         self.outbuf = bytearray()
         self.selector = selectors.PollSelector()
-        self.partner = "partner"
-        self.my_turn = False
-        self.sent = False  # a message went out this turn; TURN READ comes next
+        self.state = ChatState()
         self.held: deque[bytes] = deque()  # lines waiting for our turn, in order
         self.stdin_rest = b""
         self.stdin_eof = False
         self.stdin_watched = False
-        self.leaving = False
         self.leave_deadline = 0.0
         self.status: int | None = None
         self.line_handlers: dict[str, Callable[[protocol.ServerLine], None]] = {
@@ -420,6 +601,7 @@ class ChatSession:
             signal.SIGTSTP: self.handle_tstp,
             signal.SIGCONT: self.handle_cont,
             signal.SIGWINCH: self.handle_winch,
+            STATUS_SIGNAL: self.handle_usr2,
         }
 
     # -- the loop
@@ -457,13 +639,13 @@ class ChatSession:
         for key, mask in self.selector.select(self.time_left()):
             if self.status is None:
                 key.data(mask)
-        if self.leaving and self.status is None and self.time_left() == 0:
+        if self.state.leaving and self.status is None and self.time_left() == 0:
             self.notice("no goodbye from the server in time")
             self.finish(EXIT_OK)
 
     def time_left(self) -> float | None:
         """Seconds until the leave deadline; None (no limit) when not leaving."""
-        if not self.leaving:
+        if not self.state.leaving:
             return None
         return max(0.0, self.leave_deadline - time.monotonic())
 
@@ -479,17 +661,17 @@ class ChatSession:
 
     def prompt(self) -> str:
         """The prompt to show now: only on our turn, before we have written."""
-        return prompt_for(self.name) if self.can_write() else ""
+        return prompt_for(self.name) if self.state.can_write() else ""
 
     def redraw(self) -> None:
         """Draw the input area again (interactive mode only)."""
         if self.editor is not None:
-            self.screen.update(self.prompt(), "" if self.leaving else self.editor.text)
+            self.screen.update(self.prompt(), "" if self.state.leaving else self.editor.text)
 
     # -- the socket
 
     def on_socket(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
+        if mask & selectors.EVENT_WRITE or self.outbuf:  # TLS may write once it has read
             self.flush_output()
         if mask & selectors.EVENT_READ and self.status is None:
             self.read_server()
@@ -504,7 +686,7 @@ class ChatSession:
         try:
             sent = self.sock.send(self.outbuf)
             del self.outbuf[:sent]
-        except BlockingIOError:
+        except WOULD_BLOCK:
             pass
         except OSError:
             self.outbuf.clear()  # the read side sees the close and ends the session
@@ -512,20 +694,34 @@ class ChatSession:
         self.selector.modify(self.sock, events, self.on_socket)
 
     def read_server(self) -> None:
-        """Read what the server sent and handle each complete line, in order."""
-        try:
-            data = self.sock.recv(READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.on_server_closed()
-            return
-        for raw in self.reader.feed(data):
-            self.take_server_line(raw)
-            if self.status is not None:
+        """Read what the server sent and handle each complete line, in order.
+
+        Over TLS, bytes OpenSSL has already decrypted (``pending()``) are invisible to
+        the selector: they are read now, before waiting again.
+        """
+        while self.status is None:
+            data = self.receive()
+            if data is None:
                 return
+            if not data:
+                self.on_server_closed()
+                return
+            for raw in self.reader.feed(data):
+                self.take_server_line(raw)
+                if self.status is not None:
+                    return
+            if not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+                return
+
+    def receive(self) -> bytes | None:
+        """One read from the server: bytes, b"" when it closed (or failed), None when
+        there is nothing to read after all."""
+        try:
+            return self.sock.recv(READ_SIZE)
+        except WOULD_BLOCK:
+            return None
+        except OSError:
+            return b""
 
     def take_server_line(self, raw: bytes | protocol.TooLong) -> None:
         """Dispatch one server line to its ``on_<keyword>`` handler."""
@@ -541,7 +737,7 @@ class ChatSession:
 
     def on_server_closed(self) -> None:
         """The server closed without BYE: lost, unless we were leaving anyway."""
-        if self.leaving:
+        if self.state.leaving:
             self.finish(EXIT_OK)
             return
         self.notice("connection lost")
@@ -553,34 +749,35 @@ class ChatSession:
         """The greeting: the name already went out with the connection."""
 
     def on_wait(self, line: protocol.ServerLine) -> None:
+        """No partner (yet, or again after next or a partner who left): the session goes on."""
+        self.state.take_wait()
         self.notice(f"[WAIT] {sanitize(line.text)}")
+        self.redraw()  # the prompt goes if the partner left on our turn
 
     def on_paired(self, line: protocol.ServerLine) -> None:
-        self.partner = sanitize(line.arg) or "partner"
-        self.notice(f"[PAIRED] you are chatting with {self.partner}")
+        self.state.take_paired(sanitize(line.arg) or "partner")
+        self.notice(f"[PAIRED] you are chatting with {self.state.partner}")
 
     def on_turn(self, line: protocol.ServerLine) -> None:
-        """TURN WRITE: our turn (send a held line if any); TURN READ: the partner's."""
+        """TURN WRITE: our turn (send a held line if any); TURN READ: the partner's.
+        A TURN from the room we left with next is stale and ignored."""
         if line.arg not in ("WRITE", "READ"):
             self.notice(f"[?] TURN {sanitize(line.text)}")
             return
-        self.my_turn = line.arg == "WRITE"
-        self.sent = False
-        if self.leaving:
-            return  # exit is on its way: the turn no longer matters
-        self.notice(turn_text(self.my_turn, self.partner))
+        if not self.state.take_turn(line.arg == "WRITE") or self.state.leaving:
+            return  # stale, or exit is on its way: the turn no longer matters
+        self.notice(turn_text(self.state.my_turn, self.state.partner))
         self.send_held()
         self.watch_stdin()
         self.redraw()
 
     def on_msg(self, line: protocol.ServerLine) -> None:
-        self.notice(message_text(self.partner, line.arg))
+        self.notice(message_text(self.state.partner, line.arg))
 
     def on_err(self, line: protocol.ServerLine) -> None:
         """The server dropped our last line; on our turn we may write again."""
         self.notice(f"[ERR] {sanitize(line.arg)}: {sanitize(line.rest)}")
-        if self.my_turn:
-            self.sent = False
+        if self.state.take_err():
             self.send_held()
             self.watch_stdin()
             self.redraw()
@@ -588,22 +785,22 @@ class ChatSession:
     def on_bye(self, line: protocol.ServerLine) -> None:
         """The server's last line: print why, end with the matching status."""
         self.notice(bye_text(line.arg, line.rest))
-        self.finish(EXIT_OK if self.leaving else exit_status_for(line.arg))
+        self.finish(EXIT_OK if self.state.leaving else exit_status_for(line.arg))
 
     # -- sending and leaving
-
-    def can_write(self) -> bool:
-        """True on our turn while no message of ours is on its way."""
-        return self.my_turn and not self.sent and not self.leaving
 
     def send_message(self, line: bytes) -> None:
         """Send one chat line; the turn passes when the server says TURN READ."""
         self.send_raw(line + b"\n")
-        self.sent = True
+        self.state.send_message()
 
     def send_held(self) -> None:
-        """On our turn, send the oldest held line (or leave at the end of piped input)."""
-        if not self.can_write():
+        """Send what the held lines allow now: a ``next`` at their head at once, then on
+        our turn the oldest line (or leave at the end of piped input)."""
+        while self.held and is_next(self.held[0]) and not self.state.leaving:
+            self.held.popleft()
+            self.ask_next()
+        if not self.state.can_write():
             return
         if self.held:
             line = self.held.popleft()
@@ -616,14 +813,24 @@ class ChatSession:
         elif self.stdin_eof:
             self.leave("end of input")
 
+    def ask_next(self) -> None:
+        """Send ``next``: leave the partner for a new one and stay connected."""
+        was = self.state.partner if self.state.phase == PAIRED else None
+        self.send_raw(b"next\n")
+        self.state.ask_next()
+        again = "[NEXT] asking for a new partner"
+        self.notice(f"[NEXT] leaving {was} for a new partner" if was else again)
+        self.watch_stdin()
+        self.redraw()
+
     def leave(self, why: str | None) -> None:
         """Send ``exit`` and wait (bounded) for BYE; a second request ends at once."""
-        if self.leaving:
+        if self.state.leaving:
             self.finish(EXIT_OK)
             return
         if why:
             self.notice(f"leaving: {why}")
-        self.leaving = True
+        self.state.leaving = True
         self.leave_deadline = time.monotonic() + LEAVE_TIMEOUT
         self.send_raw(b"exit\n")
         self.watch_stdin()
@@ -632,12 +839,13 @@ class ChatSession:
     # -- stdin
 
     def wants_stdin(self) -> bool:
-        """Interactive: always. Piped: only when a line is needed to send now."""
-        if self.leaving or self.status is not None:
+        """Interactive: always. Piped: while no line is held (one chunk of read-ahead,
+        so a ``next`` goes out without waiting for a turn)."""
+        if self.state.leaving or self.status is not None:
             return False
         if self.editor is not None:
             return True
-        return self.can_write() and not self.held and not self.stdin_eof
+        return not self.held and not self.stdin_eof
 
     def watch_stdin(self) -> None:
         """Register or unregister stdin to match :meth:`wants_stdin`."""
@@ -678,7 +886,7 @@ class ChatSession:
             self.leave("end of input")
             return
         for event in self.editor.feed(data):
-            if self.leaving or self.status is not None:
+            if self.state.leaving or self.status is not None:
                 return
             if isinstance(event, Submit):
                 self.submit_typed(event.text)
@@ -687,7 +895,8 @@ class ChatSession:
         self.redraw()
 
     def submit_typed(self, text: str) -> None:
-        """Enter: ``exit`` leaves at once; a line is sent on our turn, else held."""
+        """Enter: ``exit`` leaves and ``next`` asks for a new partner at once (dropping the
+        lines held for the old one); a line is sent on our turn, else held."""
         line = text.encode("utf-8")
         if protocol.is_blank(line):
             return
@@ -695,11 +904,20 @@ class ChatSession:
         self.screen.commit()
         if protocol.is_exit(line):
             self.leave(None)
-        elif self.can_write() and not self.held:
+        elif is_next(line):
+            self.drop_held()
+            self.ask_next()
+        elif self.state.can_write() and not self.held:
             self.send_message(line)
         else:
             self.held.append(line)
             self.notice("[HELD] not your turn: this line goes out when your turn comes")
+
+    def drop_held(self) -> None:
+        """Forget the lines held for a partner we are leaving, saying how many."""
+        if self.held:
+            self.notice(f"[HELD] {len(self.held)} unsent line(s) dropped")
+            self.held.clear()
 
     # -- signals
 
@@ -736,6 +954,12 @@ class ChatSession:
     def handle_winch(self, signum: int) -> None:
         self.redraw()
 
+    def handle_usr2(self, signum: int) -> None:
+        """SIGUSR2 (``bin/pids --signal USR2 --all``): say where the session stands."""
+        held = f"; {len(self.held)} line(s) held" if self.held else ""
+        where = f"{self.name} at {self.describe_peer()}"
+        self.notice(f"[STATUS] {where}: {status_text(self.state)}{held}")
+
 
 # ---------------------------------------------------------------- main
 
@@ -757,15 +981,24 @@ def run_chat(sock: socket.socket, name: str, wakeup: SignalWakeup) -> int:
 
 
 def run_client(options: Options) -> int:
-    """Connect, chat, and return the exit status; the terminal is always restored."""
+    """Connect (and shake hands with --tls), chat, and return the exit status; the
+    terminal is always restored."""
+    try:
+        context = make_tls_context(options.cafile) if options.tls else None
+    except UsageError as exc:
+        print_error(str(exc))
+        return EXIT_USAGE
     wakeup = SignalWakeup()
     try:
-        wakeup.catch(*LEAVE_SIGNALS)
+        wakeup.catch(*LEAVE_SIGNALS, STATUS_SIGNAL)
         try:
-            sock = connect_server(options.host, options.port, wakeup)
+            sock = open_connection(options, context, wakeup)
         except Interrupted as exc:
             print(f"leaving: received {signal_name(exc.signum)}", flush=True)
             return EXIT_OK
+        except TlsFailed as exc:
+            print_error(str(exc))
+            return EXIT_FAILURE
         except OSError as exc:
             print_error(connect_error_text(options.host, options.port, exc))
             return EXIT_FAILURE
@@ -773,6 +1006,33 @@ def run_client(options: Options) -> int:
             return run_chat(sock, options.name, wakeup)
     finally:
         wakeup.close()
+
+
+def open_connection(
+    options: Options, context: ssl.SSLContext | None, wakeup: SignalWakeup
+) -> socket.socket:
+    """The connected socket, wrapped in TLS when there is a ``context``. Raises OSError,
+    :class:`TlsFailed` or :class:`Interrupted`."""
+    sock = connect_server(options.host, options.port, wakeup)
+    if context is None:
+        return sock
+    return start_tls(sock, context, (options.host, options.port), wakeup)
+
+
+def check_std_streams() -> str | None:
+    """Make a closed stdin an empty one (``/dev/null`` on fd 0, before anything else takes
+    that fd); return the error to report if stdout is closed, else None."""
+    for fd, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            if os.open(os.devnull, mode) != fd:  # the lowest free fd: this one
+                return "cannot take over a closed standard stream"
+            if fd == 1:
+                return "standard output is closed; nothing could be shown"
+    if sys.stdout is None:
+        return "standard output is closed; nothing could be shown"
+    return None
 
 
 def configure_streams() -> None:
@@ -792,6 +1052,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print_error(str(exc))
         return EXIT_USAGE
+    problem = check_std_streams()
+    if problem:
+        print_error(problem)
+        return EXIT_FAILURE
     configure_streams()
     return run_client(options)
 
