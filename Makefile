@@ -7,7 +7,7 @@ NAME   ?= client
 PORT   ?= 33016
 ARGS   ?=
 
-.PHONY: all run client pids bench test lint format clean
+.PHONY: all run client pids bench test lint format clean sysdeps cert
 
 all: test
 
@@ -37,8 +37,31 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: lint sysdeps
 	env -u PYTHONUNBUFFERED $(BIN)/python -m pytest
+
+# System packages the deployment tests use: haproxy (run in the foreground by the
+# tests) and the openssl CLI (test certificates). Installed only when missing, and
+# only as root; otherwise the tests that need them are skipped.
+sysdeps:
+	@missing=""; \
+	for tool in haproxy openssl; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "sysdeps: missing$$missing; install it (Debian: apt-get install$$missing)," \
+			"the tests that need it are skipped"; exit 0; fi; \
+	echo "sysdeps: installing$$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends$$missing >/dev/null
+
+# A self-signed pair for trying TLS by hand: make run ARGS="--tls-cert cert.pem --tls-key key.pem"
+cert: cert.pem
+
+cert.pem:
+	@openssl req -x509 -newkey rsa:2048 -nodes -days 30 -keyout key.pem -out cert.pem \
+		-subj /CN=localhost -addext subjectAltName=IP:127.0.0.1,DNS:localhost 2>/dev/null \
+		|| { echo "cert: openssl failed (is the openssl CLI installed? make sysdeps)"; exit 1; }
+	@echo "wrote cert.pem and key.pem: self-signed for localhost and 127.0.0.1, 30 days"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache bench.json
