@@ -8,6 +8,7 @@ Rules kept here so every test keeps them:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -103,9 +104,17 @@ class ServerProc:
     """A ``bin/server`` process started on a free loopback port."""
 
     def __init__(
-        self, *args: str, port: int = 0, env: dict[str, str] | None = None, preexec=None
+        self,
+        *args: str,
+        port: int | None = 0,
+        env: dict[str, str] | None = None,
+        preexec=None,
+        launcher: list[str] | None = None,
     ) -> None:
-        cmd = [sys.executable, str(BIN / "server"), "--port", str(port), *args]
+        """``port=None`` leaves ``--port`` out (the server's default); ``launcher``
+        replaces ``python bin/server`` (a wrapper that runs ``forkchat.cli.main``)."""
+        cmd = launcher or [sys.executable, str(BIN / "server")]
+        cmd = [*cmd, *(["--port", str(port)] if port is not None else []), *args]
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -218,8 +227,13 @@ class Peer:
         data = text if isinstance(text, bytes) else text.encode() + b"\n"
         self.sock.sendall(data)
 
-    def raw_line(self, timeout: float = DEADLINE) -> bytes | None:
-        """Next line as bytes without LF; None when the server closed the connection."""
+    def raw_line(self, timeout: float = DEADLINE, allow_reset: bool = False) -> bytes | None:
+        """Next line as bytes without LF; None when the server closed the connection.
+
+        A reset (RST) is not a close: the server threw away what it had not sent, or
+        what we had sent it. It fails the test unless ``allow_reset`` says the test
+        expects one (then it counts as closed).
+        """
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buf:
             left = deadline - time.monotonic()
@@ -229,6 +243,10 @@ class Peer:
             try:
                 chunk = self.sock.recv(65536)
             except ConnectionResetError:
+                if not allow_reset:
+                    raise AssertionError(
+                        f"connection reset by the server (buffer {self.buf!r})"
+                    ) from None
                 chunk = b""
             except TimeoutError:
                 continue
@@ -250,9 +268,10 @@ class Peer:
             got = self.line(timeout)
             assert got.startswith(want), f"expected {want!r}, got {got!r}"
 
-    def expect_closed(self, timeout: float = DEADLINE) -> None:
-        """Assert the server closes the connection with nothing more to say."""
-        raw = self.raw_line(timeout)
+    def expect_closed(self, timeout: float = DEADLINE, allow_reset: bool = False) -> None:
+        """Assert the server closes the connection (FIN) with nothing more to say; a
+        reset fails unless ``allow_reset``."""
+        raw = self.raw_line(timeout, allow_reset)
         assert raw is None, f"expected close, got {raw!r}"
 
     def close(self) -> None:
@@ -294,3 +313,49 @@ def socket_fds(pid: int) -> int:
         except OSError:
             pass
     return count
+
+
+REPORT_RE = r"NUMBER OF CLIENTS : \*\* (\d+) \*\*"
+DETAIL_RE = r"^rooms (\d+), waiting (\d+), handshaking (\d+)$"
+
+
+def report(server: ServerProc) -> tuple[int, int, int, int]:
+    """Send SIGUSR2 and return (clients, rooms, waiting, handshaking) from the report."""
+    mark = server.out.mark()
+    server.signal(signal.SIGUSR2)
+    clients = int(server.out.wait_for(REPORT_RE, start=mark).group(1))
+    detail = server.out.wait_for(DETAIL_RE, start=mark)
+    return (clients, *(int(x) for x in detail.groups()))
+
+
+def tcp_sockets(pid: int) -> list:
+    """The TCP sockets process ``pid`` holds (each with its fd, addresses and state)."""
+    return psutil.Process(pid).net_connections(kind="tcp")
+
+
+def server_side_fd(pid: int, peer: Peer) -> int:
+    """The fd number under which process ``pid`` holds the server end of ``peer``."""
+    here = peer.sock.getsockname()
+    for conn in tcp_sockets(pid):
+        if conn.raddr and tuple(conn.raddr) == here:
+            return conn.fd
+    raise AssertionError(f"process {pid} holds no socket connected to {here}")
+
+
+_SYS_PIDFD_GETFD = 438  # Linux >= 5.6, every architecture
+
+
+def copy_fd_of(pid: int, fd: int) -> int:
+    """Duplicate another process's fd into this one (pidfd_getfd): the copy shares the
+    open socket, so getsockopt on it reads the very options that process set. Closing
+    the copy does not close theirs. Raises OSError when the kernel or rights forbid it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        copy = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if copy < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
+        return copy
+    finally:
+        os.close(pidfd)
