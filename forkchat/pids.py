@@ -16,8 +16,9 @@ Options:
 The server is the forkchat server listening on PORT (a process named forkchat-server:
 anything else holding the port is named on stderr, and neither listed nor signalled),
 the rooms are its children, named "#N:alice+bob" after their process title, the clients
-are the processes connected to it. SIGUSR2 makes the server print its client count;
-SIGUSR1 or SIGTERM shut it down (and, sent to clients with --all, end them).
+are the processes connected to it. SIGUSR2 makes the server print its client count
+(and bin/client print a status line); SIGUSR1 or SIGTERM shut the server down (and,
+sent to clients with --all, make them leave).
 """
 
 from __future__ import annotations
