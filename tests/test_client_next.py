@@ -233,3 +233,28 @@ def test_transcript_lines_are_plain(fake_server, piped):
     server.say("BYE shutdown SERVER WILL CLOSE NOW")
     assert client.wait() == 0
     assert not any(re.search("\x1b", line) for line in client.out.lines)
+
+
+def test_interactive_next_drops_held_lines_and_prompts_for_the_new_partner(fake_server, tty_client):
+    child = tty_client(fake_server.getsockname()[1], "bob")
+    server = Scripted(accept_named(fake_server))
+    server.say("WAIT waiting for a partner", "PAIRED alice", "TURN READ")
+    child.expect_exact("[READ] waiting for alice")
+    child.send("meant for alice\r")
+    child.expect_exact("[HELD]")
+    child.send("next\r")
+    child.expect_exact("[HELD] 1 unsent line(s) dropped")
+    child.expect_exact("[NEXT] leaving alice for a new partner")
+    assert server.hear() == "next"  # at once, off turn; the held line never goes
+    server.say("WAIT looking for a new partner")
+    child.expect_exact("[WAIT] looking for a new partner")
+    assert "bob>" not in child.before
+    server.say("PAIRED carol", "TURN WRITE")
+    child.expect_exact("[PAIRED] you are chatting with carol")
+    child.expect_exact("bob> ")
+    child.send("hi carol\r")
+    assert server.hear() == "hi carol"
+    server.say("TURN READ", "BYE partner-exit carol left the chat")
+    child.expect(BYE_RE)
+    assert child.match.group("reason") == "partner-exit"
+    assert finish_tty(child) == 0
