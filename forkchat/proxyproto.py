@@ -50,7 +50,8 @@ class ProxyHeader:
     ``command`` is "proxy" (a relayed client) or "local" (the proxy's own connection, a
     health check). ``source`` and ``dest`` are ``(ip, port)`` of the client and of the
     address it reached, or None when the header carries none (v2 LOCAL, v1 UNKNOWN, an
-    unspecified or non-TCP v2 family): then use the socket's own peer address.
+    unspecified or non-TCP v2 family): then use the socket's own peer address. An
+    IPv4-mapped IPv6 address is given as plain IPv4.
     ``length`` is the header's size in bytes; ``rest`` the bytes fed after it, which belong
     to the stream.
     """
@@ -184,7 +185,7 @@ def parse_v1_ip(field: bytes, version: int) -> str:
         address = None
     if address is None or address.version != version or "%" in text:
         raise ProxyHeaderError(f"PROXY v1 bad IPv{version} address {shorten(field)}")
-    return str(address)
+    return ip_text(address)
 
 
 def parse_v1_port(field: bytes) -> int:
@@ -240,7 +241,16 @@ def parse_v2_addresses(block: bytes) -> tuple[Address, Address]:
     source_ip = ipaddress.ip_address(block[:width])
     dest_ip = ipaddress.ip_address(block[width : 2 * width])
     source_port, dest_port = struct.unpack_from("!HH", block, 2 * width)
-    return (str(source_ip), source_port), (str(dest_ip), dest_port)
+    return (ip_text(source_ip), source_port), (ip_text(dest_ip), dest_port)
+
+
+def ip_text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The canonical text of an address, an IPv4-mapped IPv6 one as plain IPv4.
+
+    A dual-stack proxy sees its IPv4 clients as ::ffff:a.b.c.d; the log should not.
+    """
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
 
 
 def check_tlvs(tlvs: bytes) -> None:

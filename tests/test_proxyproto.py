@@ -81,9 +81,14 @@ def test_v1_tcp6(step):
     assert header.rest == b""
 
 
-def test_v1_tcp6_v4_mapped():
+def test_v1_tcp6_v4_mapped_is_plain_ipv4():
     header = feed_all(b"PROXY TCP6 ::ffff:10.0.0.1 ::ffff:10.0.0.2 1 2\r\n")
-    assert header.source == ("::ffff:a00:1", 1)
+    assert (header.source, header.dest) == (("10.0.0.1", 1), ("10.0.0.2", 2))
+
+
+def test_v2_inet6_v4_mapped_is_plain_ipv4():
+    header = feed_all(v2(0x1, 0x21, inet_block("::ffff:192.0.2.9", "::1", 3, 4)))
+    assert header.source == ("192.0.2.9", 3)
 
 
 @pytest.mark.parametrize(
