@@ -326,8 +326,10 @@ def test_hold_to_5000_reads_at_400_1000_2000_4000_and_5000():
 
 def test_rooms_that_do_not_fit_in_memory_are_refused_with_the_figures():
     with pytest.raises(settings.BenchError, match=r"stopped short: 1000000 more rooms need"):
-        memory.check_room_for(1_000_000, memory.ROOM_ESTIMATE, memory.memory_floor(), "hold")
-    memory.check_room_for(1, memory.ROOM_ESTIMATE, 0, "hold")  # one room always fits
+        procstats.check_room_for(
+            1_000_000, procstats.ROOM_ESTIMATE, procstats.memory_floor(), "hold"
+        )
+    procstats.check_room_for(1, procstats.ROOM_ESTIMATE, 0, "hold")  # one room always fits
 
 
 def test_procstats_read_this_process():

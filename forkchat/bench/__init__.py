@@ -76,7 +76,7 @@ from .memory import phase_hold, phase_uss
 from .phases import Bench, phase_burst, phase_reps, phase_sequential, ratio
 from .procstats import become_subreaper, pin_to_one_cpu, raise_fd_limit
 from .report import describe_machine, format_report, write_json
-from .servers import servers_for
+from .servers import ServerHandle, check_server, servers_for
 from .settings import BenchError, Settings, settings_from_args
 
 PROG = "forkchat bench"
@@ -156,9 +156,21 @@ def run_bench(settings: Settings, progress: Progress) -> tuple[dict, int]:
         try:
             run_phases(bench)
         except BenchError as exc:
-            error = str(exc)
+            error = str(exc) + servers_gone(servers)
     report = build_report(bench, cpu, time.monotonic() - started, error)
     return report, EXIT_OK if error is None else EXIT_FAILURE
+
+
+def servers_gone(servers: dict[str, ServerHandle]) -> str:
+    """Why a phase may have failed: each of our servers that has exited, with its last
+    lines of output."""
+    notes = []
+    for handle in servers.values():
+        try:
+            check_server(handle)
+        except BenchError as exc:
+            notes.append(f"; {exc}")
+    return "".join(notes)
 
 
 def on_sigterm(signum: int, frame: Any) -> None:

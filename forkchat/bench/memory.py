@@ -28,35 +28,20 @@ from .phases import (
     span_seconds,
     summarize,
 )
-from .procstats import MIB, mem_available, meminfo, memory_of, workers_by_age
+from .procstats import (
+    MIB,
+    ROOM_ESTIMATE,
+    check_room_for,
+    mem_available,
+    memory_floor,
+    memory_of,
+    mib,
+    workers_by_age,
+)
 from .servers import ServerHandle
 from .settings import BenchError
 
-ROOM_ESTIMATE = int(3.5 * MIB)  # a room's memory, for the check before opening rooms
-FLOOR_MIN = 2048 * MIB  # MemAvailable the bench leaves the machine, at least
 HOLD_POINTS = (400, 1000, 2000, 4000)  # rooms at which the hold reads memory (below --hold)
-
-
-def memory_floor() -> int:
-    """MemAvailable the bench never goes below: 2 GiB or a tenth of the memory."""
-    return max(FLOOR_MIN, meminfo()["MemTotal"] // 10)
-
-
-def mib(size: float) -> float:
-    return size / MIB
-
-
-def check_room_for(rooms: int, estimate: int, floor: int, where: str) -> None:
-    """Raise BenchError, saying how much is missing, unless ``rooms`` more rooms at
-    ``estimate`` bytes each fit in MemAvailable above ``floor``."""
-    available = mem_available()
-    if available - rooms * estimate < floor:
-        raise BenchError(
-            f"{where}: stopped short: {rooms} more rooms need about "
-            f"{mib(rooms * estimate):,.0f} MiB ({mib(estimate):.1f} MiB each) and "
-            f"{mib(floor):,.0f} MiB must stay free, but MemAvailable is "
-            f"{mib(available):,.0f} MiB"
-        )
 
 
 def memory_watch(floor: int, where: Callable[[], str]) -> Callable[[], None]:

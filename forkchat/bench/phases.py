@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .drivers import Drivers, Progress, round_trip_job, sequential_job
-from .procstats import tree_cpu_ns
+from .procstats import ROOM_ESTIMATE, check_room_for, memory_floor, tree_cpu_ns
 from .servers import ServerHandle, check_server, wait_rooms_closed
 from .settings import BenchError, Settings
 from .swarm import swarm_job
@@ -183,6 +183,7 @@ def phase_burst(bench: Bench) -> dict:
     """``--burst`` clients connect at once; each one's connect -> PAIRED; rooms per second."""
     s, target = bench.settings, bench.forkchat
     bench.progress.phase(f"pairing, burst of {s.burst} clients at once")
+    check_room_for(s.burst // 2, ROOM_ESTIMATE, memory_floor(), "burst")
     with bench.swarm(target) as d:
         reports = connect_clients(bench, d, s.burst, s.burst, "burst")
         leave(bench, d)

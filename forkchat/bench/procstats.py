@@ -6,6 +6,8 @@ children it has reaped, so a room worker that exits during a phase still counts.
 Memory comes from ``/proc/PID/smaps_rollup`` (USS: private pages; PSS: private pages
 plus a share of the shared ones) and ``/proc/meminfo`` (``MemAvailable``).
 A process that vanishes while it is read counts as nothing, never as an error.
+``check_room_for`` is the check before opening many rooms: an estimate against
+``MemAvailable``, so the bench stops short rather than let the OOM killer choose.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from dataclasses import dataclass
 
 import psutil
 
+from .settings import BenchError
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 KIB = 1024
 MIB = 1 << 20
 GONE = (FileNotFoundError, ProcessLookupError, PermissionError)
+ROOM_ESTIMATE = int(3.5 * MIB)  # a room's memory, for the check before opening rooms
+FLOOR_MIN = 2048 * MIB  # MemAvailable the bench leaves the machine, at least
 
 
 def read_stat_fields(pid: int) -> list[str]:
@@ -116,6 +122,28 @@ def meminfo() -> dict[str, int]:
 def mem_available() -> int:
     """The kernel's estimate of memory available without swapping, in bytes."""
     return meminfo()["MemAvailable"]
+
+
+def memory_floor() -> int:
+    """MemAvailable the bench never goes below: 2 GiB or a tenth of the memory."""
+    return max(FLOOR_MIN, meminfo()["MemTotal"] // 10)
+
+
+def mib(size: float) -> float:
+    return size / MIB
+
+
+def check_room_for(rooms: int, estimate: int, floor: int, where: str) -> None:
+    """Raise BenchError, saying how much is missing, unless ``rooms`` more rooms at
+    ``estimate`` bytes each fit in MemAvailable above ``floor``."""
+    available = mem_available()
+    if available - rooms * estimate < floor:
+        raise BenchError(
+            f"{where}: stopped short: {rooms} more rooms need about "
+            f"{mib(rooms * estimate):,.0f} MiB ({mib(estimate):.1f} MiB each) and "
+            f"{mib(floor):,.0f} MiB must stay free, but MemAvailable is "
+            f"{mib(available):,.0f} MiB"
+        )
 
 
 def raise_fd_limit(needed: int) -> int:
