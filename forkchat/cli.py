@@ -16,6 +16,8 @@ Options:
   --name-timeout SEC   Seconds a new client has to send its name [default: 30].
   --idle-timeout SEC   Seconds without a message before a room closes, 0 = never
                        [default: 1800].
+  --requeue            A client whose partner leaves (exit, next, vanished) waits for
+                       a new partner instead of getting BYE.
   --pidfile PATH       Write the server's PID here at start, remove it at a clean exit.
   --no-color           Never colour the log (NO_COLOR in the environment does the same).
   -h --help            Show this help.
@@ -51,6 +53,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         idle_timeout=to_number(args, "--idle-timeout", float, 0, 30 * 86400),
         pidfile=args["--pidfile"],
         no_color=args["--no-color"],
+        requeue=args["--requeue"],
     )
 
 

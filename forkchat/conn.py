@@ -60,10 +60,12 @@ class Conn:
     """A client connection. ``fd`` stays valid as a key after ``close()``."""
 
     __slots__ = (
+        "avoid",
         "deadline",
         "eof",
         "events",
         "fd",
+        "id",
         "inbox",
         "name",
         "out",
@@ -75,9 +77,13 @@ class Conn:
         "wr_shut",
     )
 
-    def __init__(self, sock: socket.socket, peer: str, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: str, max_line: int = DEFAULT_MAX_LINE, id: int = 0
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.id = id  # unique for the server's lifetime: survives hand-backs
+        self.avoid: int | None = None  # the id of the partner it last left
         self.peer = peer
         self.name: str | None = None
         self.reader = LineReader(max_line)

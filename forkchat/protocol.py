@@ -1,4 +1,4 @@
-"""The forkchat wire protocol, version 1: framing, validation and the server's lines.
+"""The forkchat wire protocol, version 1.1: framing, validation and the server's lines.
 
 Everything here is pure (no sockets, no clocks) so it can be unit-tested on its own.
 The server, the room worker, the client and the benchmark all speak through it.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = "1.1"
 DEFAULT_MAX_LINE = 4096
 NAME_MAX = 32
 NAME_RULE = "1 to 32 characters, each a letter, a digit, _, - or ."
@@ -38,6 +38,7 @@ ERR_CODES = frozenset({ERR_NOT_YOUR_TURN, ERR_TOO_LONG, ERR_BAD_ENCODING, ERR_BA
 
 # What the server does with a chat line (see judge_line); any other verdict is an ERR code.
 LEAVE = "leave"
+NEXT = "next"  # protocol 1.1: leave this partner, wait for another
 IGNORE = "ignore"
 RELAY = "relay"
 
@@ -99,12 +100,12 @@ class LineReader:
     whatever the peer sends. ``pending`` holds the bytes of the unfinished line.
     """
 
-    __slots__ = ("_discarding", "max_line", "pending")
+    __slots__ = ("discarding", "max_line", "pending")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         self.max_line = max_line
         self.pending = bytearray()
-        self._discarding = False
+        self.discarding = False
 
     def feed(self, data: bytes | bytearray) -> list[bytes | TooLong]:
         """Take the next chunk of the stream; return the lines it completes, in order."""
@@ -115,8 +116,8 @@ class LineReader:
             if lf < 0:
                 self._keep_tail(data[start:], lines)
                 return lines
-            if self._discarding:
-                self._discarding = False
+            if self.discarding:
+                self.discarding = False
             else:
                 if self.pending:
                     self.pending += data[start:lf]
@@ -131,13 +132,13 @@ class LineReader:
 
     def _keep_tail(self, tail: bytes, lines: list[bytes | TooLong]) -> None:
         """Buffer an unfinished line; switch to discarding once it cannot fit."""
-        if self._discarding or not tail:
+        if self.discarding or not tail:
             return
         self.pending += tail
         # max_line + 1: the last byte may still be a CR that the LF will drop.
         if len(self.pending) > self.max_line + 1:
             self.pending.clear()
-            self._discarding = True
+            self.discarding = True
             lines.append(TOO_LONG)
 
 
@@ -149,6 +150,11 @@ def is_blank(line: bytes) -> bool:
 def is_exit(line: bytes) -> bool:
     """True for a line that is just ``exit``, surrounding spaces ignored."""
     return line.strip(b" \t") == b"exit"
+
+
+def is_next(line: bytes) -> bool:
+    """True for a line that is just ``next``, surrounding spaces ignored (protocol 1.1)."""
+    return line.strip(b" \t") == b"next"
 
 
 def check_message(line: bytes) -> str | None:
@@ -163,13 +169,16 @@ def check_message(line: bytes) -> str | None:
 
 
 def judge_line(line: bytes | TooLong, my_turn: bool) -> str:
-    """The protocol's rules for a chat line, in order: LEAVE for ``exit`` (at any time),
-    IGNORE for a blank line, RELAY for a valid message on the sender's turn, else the
-    ERR code that refuses it (too-long, bad-encoding, bad-char, not-your-turn)."""
+    """The protocol's rules for a chat line, in order: LEAVE for ``exit`` and NEXT for
+    ``next`` (at any time), IGNORE for a blank line, RELAY for a valid message on the
+    sender's turn, else the ERR code that refuses it (too-long, bad-encoding, bad-char,
+    not-your-turn)."""
     if isinstance(line, TooLong):
         return ERR_TOO_LONG
     if is_exit(line):
         return LEAVE
+    if is_next(line):
+        return NEXT
     if is_blank(line):
         return IGNORE
     return check_message(line) or (RELAY if my_turn else ERR_NOT_YOUR_TURN)

@@ -17,12 +17,18 @@ import multiprocessing
 import os
 import selectors
 import signal
+import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as p
 from .conn import Conn
+from .handback import HandBack, pack_inbox, send_handback
 from .log import Log
+
+Byes = dict[Conn, tuple[str, str]]  # client -> (BYE reason, text)
+Back = tuple[Conn, str, str]  # client handed back, why (for the log), its WAIT text
 
 EXIT_OK = 0
 EXIT_CRASH = 70  # EX_SOFTWARE: a bug in the worker; logged in one line, pair told BYE error
@@ -48,21 +54,39 @@ def reset_inherited_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+@dataclass(frozen=True)
+class RoomRules:
+    """How a room ends: the idle timeout, and whether a client whose partner leaves is
+    handed back to the parent (``--requeue``) through ``channel``, the room's own end of
+    its Unix socket to the parent (None: every ending is a BYE)."""
+
+    idle_timeout: float = 0.0
+    requeue: bool = False
+    channel: socket.socket | None = None
+
+
 class Room:
-    """The relay between two clients; ``run()`` returns the worker's exit status."""
+    """The relay between two clients; ``run()`` returns the worker's exit status.
+
+    The room's client count (``clients``) holds the clients it still has plus those it
+    handed back: the parent subtracts the ones it has taken from the channel, so a
+    client in flight is counted once, whenever the count is read.
+    """
 
     def __init__(
-        self, number: int, first: Conn, second: Conn, clients: Any, idle_timeout: float, log: Log
+        self, number: int, first: Conn, second: Conn, clients: Any, rules: RoomRules, log: Log
     ) -> None:
         self.number = number
         self.conns = (first, second)
         self.writer = first
         self.clients = clients
-        self.idle_timeout = idle_timeout
+        self.idle_timeout = rules.idle_timeout
+        self.rules = rules
         self.log = log
         self.sel = selectors.DefaultSelector()
         self.last_message = time.monotonic()
         self.ended = False
+        self.handed = 0  # clients sent back to the parent
         self.wake_r = -1
 
     def partner(self, conn: Conn) -> Conn:
@@ -167,12 +191,10 @@ class Room:
         if verdict == p.RELAY:
             self.relay(conn, line)
         elif verdict == p.LEAVE:
-            partner = self.partner(conn)
-            byes = {
-                conn: (p.BYE_EXIT, "goodbye"),
-                partner: (p.BYE_PARTNER_EXIT, f"{conn.name} left the chat"),
-            }
-            self.end(f"{conn.name} left", byes)
+            self.part(conn, f"{conn.name} left", {conn: (p.BYE_EXIT, "goodbye")}, [])
+        elif verdict == p.NEXT:
+            back = (conn, "said next", "looking for a new partner")
+            self.part(conn, f"{conn.name} asked for a new partner", {}, [back])
         elif verdict != p.IGNORE:
             self.send(conn, p.err_line(verdict, conn.reader.max_line))
 
@@ -209,6 +231,18 @@ class Room:
 
     # -- the end --------------------------------------------------------------------------
 
+    def part(self, leaver: Conn, why: str, byes: Byes, backs: list[Back]) -> None:
+        """``leaver`` leaves its partner (``exit`` or ``next``): the partner is handed back
+        under ``--requeue``, ahead of a leaver who said ``next``; otherwise it gets
+        ``BYE partner-exit``."""
+        partner = self.partner(leaver)
+        if self.requeues():
+            text = f"{leaver.name} left, waiting for a new partner"
+            backs = [(partner, f"partner {leaver.name} left", text), *backs]
+        else:
+            byes = {**byes, partner: (p.BYE_PARTNER_EXIT, f"{leaver.name} left the chat")}
+        self.end(why, byes, backs=backs)
+
     def lose(self, gone: Conn, why: str) -> None:
         """``gone`` left without ``exit`` (closed, reset, or dropped): tell the partner.
 
@@ -223,20 +257,30 @@ class Room:
             gone.close()
         self.log.departure(gone.label, why)
         partner = self.partner(gone)
-        byes = {partner: (p.BYE_PARTNER_LOST, f"{gone.name} vanished")}
-        self.end(f"{gone.name} lost", byes, [gone] if gone.eof else [])
+        also = [gone] if gone.eof else []
+        if self.requeues():
+            text = f"{gone.name} vanished, waiting for a new partner"
+            back = (partner, f"partner {gone.name} lost", text)
+            self.end(f"{gone.name} lost", {}, also, backs=[back])
+        else:
+            byes = {partner: (p.BYE_PARTNER_LOST, f"{gone.name} vanished")}
+            self.end(f"{gone.name} lost", byes, also)
 
     def end(
-        self, why: str, byes: dict[Conn, tuple[str, str]], also: list[Conn] | None = None
+        self, why: str, byes: Byes, also: list[Conn] | None = None, backs: list[Back] = ()
     ) -> None:
-        """Say BYE to the clients still here, let them (and ``also``, told nothing more)
-        read what is queued, close, log the room closed."""
+        """End the room: hand ``backs`` back to the parent, in order; say BYE to
+        ``byes``; let them (and ``also``, told nothing more) read what is queued; close;
+        log the room closed."""
         if self.ended:
             return
         self.ended = True
+        for conn, reason, text in backs:
+            self.hand_back(conn, reason, text)
         # The count goes down before the BYE leaves: a client that has read its BYE
-        # never sees itself counted.
-        self.clients.value = 0
+        # never sees itself counted. Clients handed back stay counted here until the
+        # parent takes them.
+        self.clients.value = self.handed
         for conn, (reason, text) in byes.items():
             self.log.departure(conn.label, reason)
             conn.out += p.bye_line(reason, text)
@@ -244,6 +288,38 @@ class Room:
         for conn in self.conns:
             conn.close()
         self.log.event("close", f"room {self.number} closed: {why}")
+
+    def requeues(self) -> bool:
+        """Does a client whose partner leaves go back to the queue (``--requeue``)?"""
+        return self.rules.requeue and self.rules.channel is not None
+
+    def hand_back(self, conn: Conn, why: str, text: str) -> None:
+        """Send ``conn`` back to the parent's waiting queue with all its state (``why``
+        for the log, ``text`` for its WAIT), then close this process's copy. A client
+        that cannot go back is lost (logged)."""
+        self.sel.unregister(conn.fd)
+        partner = self.partner(conn)
+        record = HandBack(
+            id=conn.id,
+            name=conn.name or "?",
+            peer=conn.peer,
+            avoid=partner.id,
+            why=why,
+            text=text,
+            inbox=pack_inbox(list(conn.inbox)),
+            pending=bytes(conn.reader.pending),
+            discarding=conn.reader.discarding,
+            out=bytes(conn.out),
+            eof=conn.eof,
+        )
+        try:
+            send_handback(self.rules.channel, record, conn.fd)
+        except OSError as exc:
+            self.log.departure(conn.label, f"hand-back failed: {exc.strerror or exc}")
+            send_now(conn, p.bye_line(p.BYE_ERROR, "could not find you a new partner"))
+        else:
+            self.handed += 1
+        conn.close()
 
     def linger(self, conns: list[Conn]) -> None:
         """Deliver pending output, send FIN, wait for each peer's close (bounded by LINGER)."""
@@ -270,14 +346,19 @@ def say_error(conns: tuple[Conn, Conn]) -> None:
     """Best effort after a crash: tell each client still open ``BYE error``, unblocking."""
     line = p.bye_line(p.BYE_ERROR, "the room failed, sorry")
     for conn in conns:
-        try:
-            conn.sock.send(line)
-        except OSError:
-            pass
+        send_now(conn, line)
+
+
+def send_now(conn: Conn, data: bytes) -> None:
+    """Best effort, never blocking: what the socket takes now of ``data``."""
+    try:
+        conn.sock.send(data)
+    except OSError:
+        pass
 
 
 def run_room(
-    number: int, first: Conn, second: Conn, clients: Any, idle_timeout: float, log: Log
+    number: int, first: Conn, second: Conn, clients: Any, rules: RoomRules, log: Log
 ) -> int:
     """Body of a room worker process (called in the forked child). Returns its exit status.
 
@@ -285,16 +366,17 @@ def run_room(
     this returns; a bug is logged in one line, the pair is told ``BYE error``, and the
     status is :data:`EXIT_CRASH`.
     """
-    room = Room(number, first, second, clients, idle_timeout, log)
+    room = Room(number, first, second, clients, rules, log)
     try:
         return room.run()
     except Exception as exc:  # a bug must not hang the clients: log, tell, close, exit
-        clients.value = 0
+        clients.value = room.handed
         if not room.ended:
             say_error(room.conns)
         log.error(f"room {number} crashed: {type(exc).__name__}: {exc}")
         return EXIT_CRASH
     finally:
-        clients.value = 0
+        # Clients handed back stay counted until the parent has taken them.
+        clients.value = room.handed
         for conn in (first, second):
             conn.close()

@@ -35,9 +35,11 @@ from .conn import (
     tune_socket,
 )
 from .fdmap import FdMap
+from .handback import ChannelReader, HandBack, unpack_inbox
 from .log import Log
 from .proctitle import ROOM_NAME, is_server_pid, room_title, set_title
-from .room import LINGER, PARENT_SIGNALS, reset_inherited_signals, run_room
+from .room import LINGER, PARENT_SIGNALS, RoomRules, reset_inherited_signals, run_room
+from .waitlist import WaitList, may_pair
 
 # The start method is pinned once, here: rooms are forked (Python 3.14 changes the default).
 MP = multiprocessing.get_context("fork")
@@ -67,15 +69,25 @@ class Options:
     idle_timeout: float = 1800.0
     pidfile: str | None = None
     no_color: bool = False
+    requeue: bool = False
 
 
 @dataclass
 class RoomProc:
-    """What the parent keeps of a room: its worker and that worker's client count."""
+    """What the parent keeps of a room: its worker, that worker's client count, and the
+    parent's end of the room's channel (hand-backs)."""
 
     number: int
     proc: Any  # multiprocessing.Process
     clients: Any  # multiprocessing.Value("i"): 2 at the fork, then the worker's to write
+    channel: socket.socket
+    reader: ChannelReader
+    received: int = 0  # clients taken back from the channel: no longer the room's
+
+    @property
+    def held(self) -> int:
+        """The room's clients that the parent has not taken back: exact whenever read."""
+        return max(0, self.clients.value - self.received)
 
 
 def make_listener(host: str, port: int) -> socket.socket:
@@ -110,10 +122,13 @@ class Server:
         self.address = ""
         # fd -> Conn; dicts keep insertion order, which is arrival order and deadline order.
         self.handshaking: dict[int, Conn] = {}
-        self.waiting: dict[int, Conn] = {}
         self.closing: dict[int, Conn] = {}
+        self.waiting: WaitList[Conn] = WaitList()  # queue order and pairing policy
+        self.by_fd: dict[int, Conn] = {}  # every client the parent holds, by socket
         self.rooms: dict[int, RoomProc] = {}  # sentinel fd -> room
+        self.channels: dict[int, RoomProc] = {}  # channel fd -> room
         self.room_count = 0
+        self.client_count = 0  # ids handed out
         self.stopping = False
         self.stop_deadline = 0.0
         self.accept_resume = 0.0
@@ -234,8 +249,7 @@ class Server:
         except OSError:
             sock.close()
             return
-        conn = Conn(sock, format_peer(addr), self.opts.max_line)
-        self.fds.own(conn.fd)
+        conn = self.new_conn(sock, format_peer(addr))
         self.log.event("connect", f"client connected {conn.peer}")
         conn.queue(p.hello_line())
         if len(self.handshaking) >= self.opts.max_waiting:
@@ -261,11 +275,19 @@ class Server:
             except OSError:
                 sock.close()
                 continue
-            conn = Conn(sock, format_peer(addr), self.opts.max_line)
-            self.fds.own(conn.fd)
+            conn = self.new_conn(sock, format_peer(addr))
             self.log.event("connect", f"client connected {conn.peer}")
             self.register(conn)
             self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
+
+    def new_conn(self, sock: socket.socket, peer: str, id: int = 0) -> Conn:
+        """A Conn for a socket the parent now owns; a new id unless it has one."""
+        if not id:
+            self.client_count += 1
+            id = self.client_count
+        conn = Conn(sock, peer, self.opts.max_line, id)
+        self.fds.own(conn.fd)
+        return conn
 
     def pause_accepting(self, exc: OSError) -> None:
         """Out of fds: stop accepting for a moment instead of spinning on the listener."""
@@ -286,6 +308,7 @@ class Server:
     def register(self, conn: Conn) -> None:
         conn.events = selectors.EVENT_READ | selectors.EVENT_WRITE
         self.sel.register(conn.fd, conn.events, self.on_client)
+        self.by_fd[conn.fd] = conn
 
     def watch(self, conn: Conn, events: int) -> None:
         """Change what the selector watches on ``conn``, only if it changed."""
@@ -304,7 +327,7 @@ class Server:
             self.write_client(conn)
 
     def find(self, fd: int) -> Conn | None:
-        return self.handshaking.get(fd) or self.waiting.get(fd) or self.closing.get(fd)
+        return self.by_fd.get(fd)
 
     def read_client(self, conn: Conn) -> bool:
         """Read and handle input. False if the connection left the parent's hands.
@@ -372,40 +395,50 @@ class Server:
         if name is None:
             self.say_bye(conn, p.BYE_BAD_NAME, f"a name is {p.NAME_RULE}")
             return
-        if len(self.waiting) >= self.opts.max_waiting and not self.pairs_at_once():
+        conn.name = name
+        if self.queue_full(conn):
             why = f"full: {len(self.waiting)} waiting, name {name}"
             self.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
             return
         del self.handshaking[conn.fd]
-        conn.name, conn.state = name, WAITING
-        self.waiting[conn.fd] = conn
         self.log.event("name", f"client named {conn.label}")
-        self.open_rooms()
+        self.enqueue(conn)
         if conn.state == WAITING:
-            self.tell_waiting(conn)
+            self.tell_waiting(conn, "waiting for a partner")
 
-    def pairs_at_once(self) -> bool:
-        """Would a newly named client go straight into a room? (Then it never waits.)"""
-        return bool(self.waiting) and len(self.rooms) < self.opts.max_rooms and not self.stopping
+    def queue_full(self, conn: Conn) -> bool:
+        """No room in the queue for ``conn``: ``--max-waiting`` wait already and it
+        would not go straight into a room."""
+        if len(self.waiting) < self.opts.max_waiting:
+            return False
+        rooms_free = len(self.rooms) < self.opts.max_rooms and not self.stopping
+        return not rooms_free or all(not may_pair(conn, other) for other in self.waiting)
 
-    def tell_waiting(self, conn: Conn) -> None:
-        """WAIT for a newly named client; when it completes a pair that has no free room,
-        its partner-to-be hears that too."""
-        if len(self.waiting) % 2 == 0 and len(self.rooms) >= self.opts.max_rooms:
-            text = f"all {self.opts.max_rooms} rooms are busy, you are in line"
-            newest = reversed(self.waiting.values())
-            next(newest)  # conn itself
-            self.send(next(newest), p.wait_line(text))
-        else:
-            text = "waiting for a partner"
+    def enqueue(self, conn: Conn) -> None:
+        """Queue ``conn`` at the end and open the rooms that can be opened now."""
+        conn.state = WAITING
+        self.waiting.add(conn)
+        self.open_rooms()
+
+    def tell_waiting(self, conn: Conn, text: str) -> None:
+        """WAIT for a client left in the queue; when it completes a pair that has no
+        free room, it and its partner-to-be hear that instead."""
+        if len(self.rooms) >= self.opts.max_rooms:
+            partner = self.waiting.partner_in_line(conn)
+            if partner is not None:
+                text = f"all {self.opts.max_rooms} rooms are busy, you are in line"
+                self.send(partner, p.wait_line(text))
         self.log.event("name", f"{conn.label} waiting ({text})")
         self.send(conn, p.wait_line(text))
 
     def take_waiting_line(self, conn: Conn, line: bytes | p.TooLong) -> None:
-        """A line from a waiting client: ``exit`` leaves; a message is not its turn."""
+        """A line from a waiting client: ``exit`` leaves; ``next`` changes nothing (it
+        is told it waits); a message is not its turn."""
         verdict = p.judge_line(line, my_turn=False)
         if verdict == p.LEAVE:
             self.say_bye(conn, p.BYE_EXIT, "goodbye")
+        elif verdict == p.NEXT:
+            self.send(conn, p.wait_line("still waiting for a partner"))
         elif verdict != p.IGNORE:
             self.send(conn, p.err_line(verdict, self.opts.max_line))
 
@@ -428,8 +461,9 @@ class Server:
 
     def forget(self, conn: Conn) -> None:
         """Remove the client from the handshake, waiting and closing tables."""
-        for table in (self.handshaking, self.waiting, self.closing):
+        for table in (self.handshaking, self.closing):
             table.pop(conn.fd, None)
+        self.waiting.remove(conn)
 
     def drop(self, conn: Conn, why: str = "") -> None:
         """Close a client now, wherever it is in the parent; log why if it was still in
@@ -438,6 +472,7 @@ class Server:
             self.log.departure(conn.label, why)
         self.forget(conn)
         self.sel.unregister(conn.fd)
+        self.by_fd.pop(conn.fd, None)
         conn.state = GONE
         self.fds.disown(conn.fd)
         conn.close()
@@ -445,19 +480,18 @@ class Server:
     # -- rooms ---------------------------------------------------------------------------
 
     def open_rooms(self) -> None:
-        """Pair waiting clients in arrival order while there is a free room."""
-        while (
-            len(self.waiting) >= 2 and len(self.rooms) < self.opts.max_rooms and not self.stopping
-        ):
-            fds = iter(self.waiting)
-            first, second = self.waiting[next(fds)], self.waiting[next(fds)]
+        """Open a room for each pair the queue gives (``waitlist``) while one is free."""
+        while len(self.rooms) < self.opts.max_rooms and not self.stopping:
+            pair = self.waiting.next_pair()
+            if pair is None:
+                return
             # A client that closed (the loop has not read it yet) with no line left to
             # handle has nothing to do in a room; with lines left (``exit``) it goes in.
-            dead = [conn for conn in (first, second) if not conn.inbox and conn.peer_closed()]
+            dead = [conn for conn in pair if not conn.inbox and conn.peer_closed()]
             for conn in dead:
                 self.end_input(conn)
             if not dead:
-                self.open_room(first, second)
+                self.open_room(*pair)
 
     def open_room(self, first: Conn, second: Conn) -> None:
         """Fork a worker for the pair; the parent then closes its copies of both sockets.
@@ -466,28 +500,37 @@ class Server:
         for conn in (first, second):
             self.forget(conn)
             self.sel.unregister(conn.fd)
+            del self.by_fd[conn.fd]
             conn.state = IN_ROOM
         started = self.start_worker(number, first, second)
         if started is None:
             self.refuse_pair(first, second)
             return
-        proc, clients = started
+        room = started
         self.room_count = number
         for conn in (first, second):
             self.fds.disown(conn.fd)
             conn.close()
-        for fd in parent_pipe_fds(proc):
+        for fd in parent_pipe_fds(room.proc):
             self.fds.own(fd)
-        self.rooms[proc.sentinel] = RoomProc(number, proc, clients)
-        self.sel.register(proc.sentinel, selectors.EVENT_READ, self.on_sentinel)
+        self.rooms[room.proc.sentinel] = room
+        self.channels[room.channel.fileno()] = room
+        self.sel.register(room.proc.sentinel, selectors.EVENT_READ, self.on_sentinel)
+        self.sel.register(room.channel, selectors.EVENT_READ, self.on_channel)
 
-    def start_worker(self, number: int, first: Conn, second: Conn) -> tuple[Any, Any] | None:
-        """Fork the room worker and its shared client count. None if it cannot be done
-        now (out of fds, processes or memory); nothing is left half made.
+    def start_worker(self, number: int, first: Conn, second: Conn) -> RoomProc | None:
+        """Fork the room worker with its shared client count and its channel. None if it
+        cannot be done now (out of fds, processes or memory); nothing is left half made.
 
         Signals are blocked around the fork so none lands in a half-made worker, and the
         heap is frozen so the child's gc never touches (and copies) the parent's objects.
         """
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            self.log.error(f"cannot make a room channel: {exc.strerror or exc}")
+            return None
+        self.fds.own(ours.fileno())  # the worker closes the parent's end with the rest
         old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
         free = self.lowest_free_fds(6)  # where a failed start would leave its pipes
         gc.freeze()
@@ -495,7 +538,7 @@ class Server:
             clients = MP.Value("i", 2, lock=False)
             proc = MP.Process(
                 target=self.become_room,
-                args=(number, first, second, clients),
+                args=(number, first, second, clients, theirs),
                 name=f"forkchat-room-{number}",
                 daemon=True,
             )
@@ -504,11 +547,15 @@ class Server:
         except OSError as exc:
             self.log.error(f"cannot fork a room worker: {exc.strerror or exc}")
             close_stray_pipes(free)
+            self.fds.disown(ours.fileno())
+            ours.close()
             return None
         finally:
             gc.unfreeze()
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        return proc, clients
+            theirs.close()
+        ours.setblocking(False)
+        return RoomProc(number, proc, clients, ours, ChannelReader(ours))
 
     def lowest_free_fds(self, count: int) -> list[int]:
         """The ``count`` lowest fd numbers not in use (fewer if fds run out): the numbers
@@ -529,35 +576,77 @@ class Server:
             self.register(conn)
             self.say_bye(conn, p.BYE_ERROR, "could not open a room, try again later")
 
-    def become_room(self, number: int, first: Conn, second: Conn, clients: Any) -> None:
-        """Child side of the fork: drop everything of the parent's but the pair, then relay.
+    def become_room(
+        self, number: int, first: Conn, second: Conn, clients: Any, channel: socket.socket
+    ) -> None:
+        """Child side of the fork: drop everything of the parent's but the pair and the
+        room's end of its channel, then relay.
 
         Runs in the new process; its return value becomes the exit status via SystemExit.
         """
         reset_inherited_signals()
-        self.close_inherited(keep=(first, second))
+        self.fds.close_all(keep=(first.fd, second.fd, channel.fileno()))
         set_title(room_title(number, first.name, second.name), ROOM_NAME)
         log = Log(f"room {number} pid {os.getpid()}", self.log.color, self.log.stream)
-        sys.exit(run_room(number, first, second, clients, self.opts.idle_timeout, log))
-
-    def close_inherited(self, keep: tuple[Conn, Conn]) -> None:
-        """In a new worker: close every fd the parent owns but the pair's two sockets
-        (listener, wakeup pair, selector, other clients, sibling rooms' pipes), by number,
-        without touching the objects that hold them (see ``fdmap``)."""
-        self.fds.close_all(keep=(keep[0].fd, keep[1].fd))
+        rules = RoomRules(self.opts.idle_timeout, self.opts.requeue, channel)
+        sys.exit(run_room(number, first, second, clients, rules, log))
 
     def on_sentinel(self, key: Any, mask: int) -> None:
         self.reap_room(key.fd)
 
+    def on_channel(self, key: Any, mask: int) -> None:
+        self.read_channel(self.channels[key.fd])
+
+    def read_channel(self, room: RoomProc) -> None:
+        """Take back every client the room has handed back so far (never blocks). Each
+        one moves from the room's count to the queue in one step of the loop."""
+        records, closed = room.reader.read()
+        for record, fd in records:
+            room.received += 1
+            self.take_back(record, fd)
+        if closed and room.channel.fileno() in self.channels:
+            self.sel.unregister(room.channel)
+            del self.channels[room.channel.fileno()]
+
+    def take_back(self, record: HandBack, fd: int) -> None:
+        """A client handed back by its room: restore it as it was there, log it, and
+        queue it as a new arrival (``WAIT``), or tell it ``BYE`` if the server is
+        stopping or the queue is full. Its lines are handled as a waiting client's."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return
+        conn = self.new_conn(sock, record.peer, record.id)
+        restore_conn(conn, record)
+        self.log.event("name", f"client requeued {conn.label} ({record.why})")
+        self.register(conn)
+        if self.stopping:
+            self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
+        elif self.queue_full(conn):
+            why = f"full: {len(self.waiting)} waiting, requeued"
+            self.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
+        else:
+            conn.queue(p.wait_line(record.text))  # before PAIRED if a room opens at once
+            self.enqueue(conn)
+            if conn.state == WAITING:
+                self.log.event("name", f"{conn.label} waiting ({record.text})")
+                self.write_client(conn)
+                self.handle_inbox(conn)
+            if conn.state == WAITING and conn.eof:
+                self.end_input(conn)
+
     def reap_room(self, sentinel: int, timeout: float | None = None) -> None:
-        """A worker has exited (its sentinel fired, or it was SIGKILLed): join it, log an
-        abnormal exit, free its room, and open the next ones from the queue."""
+        """A worker has exited (its sentinel fired, or it was SIGKILLed): take back what
+        it handed back, join it, log an abnormal exit, free its room, and open the next
+        ones from the queue."""
         room = self.rooms.pop(sentinel)
         self.sel.unregister(sentinel)
         room.proc.join(timeout)
         if room.proc.exitcode is None:  # stuck in the kernel even after SIGKILL
             self.log.error(f"room {room.number} pid {room.proc.pid} did not exit; leaving it")
             return
+        self.close_channel(room)
         code = room.proc.exitcode
         if code:
             self.log.error(f"room {room.number} worker pid {room.proc.pid} {describe_exit(code)}")
@@ -566,6 +655,21 @@ class Server:
             self.fds.disown(fd)
         room.proc.close()
         self.open_rooms()
+
+    def close_channel(self, room: RoomProc) -> None:
+        """After the worker's exit: take the last hand-backs, close what came without a
+        whole message (a worker killed while it sent), close the channel."""
+        self.read_channel(room)
+        lost = room.reader.leftover_fds()
+        for fd in lost:
+            os.close(fd)
+        if lost:
+            self.log.error(f"room {room.number}: {len(lost)} client(s) lost in a hand-back")
+        if room.channel.fileno() in self.channels:
+            self.sel.unregister(room.channel)
+            del self.channels[room.channel.fileno()]
+        self.fds.disown(room.channel.fileno())
+        room.channel.close()
 
     def kill_stragglers(self) -> None:
         """Shutdown deadline passed: SIGKILL every room still there, reap them against
@@ -594,7 +698,14 @@ class Server:
 
     def handle_usr2(self) -> None:
         """SIGUSR2: the number of connected clients, then, on the next line (one write),
-        the rooms, waiting and handshaking counts (see :func:`format_report`)."""
+        the rooms, waiting and handshaking counts (see :func:`format_report`).
+
+        Workers that have exited are reaped first (their sentinels may wait later in
+        this batch): what they handed back is then in the queue, counted once.
+        """
+        for sentinel, room in list(self.rooms.items()):
+            if room.proc.exitcode is not None:
+                self.reap_room(sentinel)
         self.log.plain(format_report(self.rooms.values(), len(self.waiting), len(self.handshaking)))
 
     def handle_usr1(self) -> None:
@@ -624,7 +735,7 @@ class Server:
         self.turn_away_backlog()
         self.fds.disown(self.listener.fileno())
         self.listener.close()
-        for conn in [*self.handshaking.values(), *self.waiting.values()]:
+        for conn in [*self.handshaking.values(), *self.waiting]:
             self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
         for room in self.rooms.values():
             # exitcode polls: a worker already reaped is never signalled (its PID may
@@ -640,11 +751,23 @@ def format_report(rooms: Any, waiting: int, handshaking: int) -> str:
     reaped or not) counts neither as a room nor for its clients: it holds none.
     """
     live = [room for room in rooms if room.proc.exitcode is None]
-    clients = handshaking + waiting + sum(max(0, room.clients.value) for room in live)
+    clients = handshaking + waiting + sum(room.held for room in live)
     return (
         f"NUMBER OF CLIENTS : ** {clients} **\n"
         f"rooms {len(live)}, waiting {waiting}, handshaking {handshaking}"
     )
+
+
+def restore_conn(conn: Conn, record: HandBack) -> None:
+    """Give a handed-back client what it had in its room: name, last partner, lines
+    not yet handled, the unfinished line, output not yet sent, end of input."""
+    conn.name = record.name
+    conn.avoid = record.avoid
+    conn.inbox.extend(unpack_inbox(record.inbox))
+    conn.reader.pending[:] = record.pending
+    conn.reader.discarding = record.discarding
+    conn.out += record.out
+    conn.eof = record.eof
 
 
 def close_stray_pipes(candidates: list[int]) -> None:

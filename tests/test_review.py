@@ -330,7 +330,9 @@ def test_range_errors_print_their_limits_exactly(args, said):
 
 def fake_room(exitcode: int | None, clients: int) -> SimpleNamespace:
     return SimpleNamespace(
-        proc=SimpleNamespace(exitcode=exitcode), clients=SimpleNamespace(value=clients)
+        proc=SimpleNamespace(exitcode=exitcode),
+        clients=SimpleNamespace(value=clients),
+        held=clients,
     )
 
 
