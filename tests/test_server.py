@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -22,6 +21,7 @@ from support import (
     pair,
     run_bin,
     socket_fds,
+    tcp_sockets,
     wait_until,
 )
 
@@ -162,16 +162,25 @@ def test_room_worker_holds_only_its_two_sockets(server):
     waiting = Peer(server.address, "w")
     waiting.expect("WAIT ")
     wait_until(lambda: len(server.children()) == 3, what="three workers")
+    pairs = {frozenset((x.sock.getsockname(), y.sock.getsockname())) for x, y in rooms}
+    held_by_workers = set()
     for worker in server.children():
-        assert socket_fds(worker.pid) == 2
-        # Nothing of the parent's: no listener, and few fds whatever the sibling count.
-        assert not [c for c in worker.net_connections() if c.status == psutil.CONN_LISTEN]
-        assert worker.num_fds() <= 14
-    # The parent kept no copy of the paired sockets: listener, wakeup pair, the waiting one.
-    assert socket_fds(server.pid) == 4
+        held = frozenset(tuple(c.raddr) for c in tcp_sockets(worker.pid))
+        assert held in pairs  # its own two: no listener, no other client
+        held_by_workers.add(held)
+        # Besides them, at most its own end of its channel to the parent (protocol 1.1).
+        unix = worker.net_connections(kind="unix")
+        assert len(unix) <= 1 and socket_fds(worker.pid) == 2 + len(unix)
+        assert worker.num_fds() <= 14  # few fds, whatever the sibling count
+    assert held_by_workers == pairs
+    # The parent kept no copy of the paired sockets: the listener and the waiting one.
+    parent = tcp_sockets(server.pid)
+    assert sorted(c.status for c in parent) == sorted([psutil.CONN_LISTEN, psutil.CONN_ESTABLISHED])
+    assert [tuple(c.raddr) for c in parent if c.raddr] == [waiting.sock.getsockname()]
     for x, y in rooms:
         x.close()
         y.close()
+    waiting.close()
 
 
 def test_log_has_one_timestamped_line_per_event(server):
@@ -280,7 +289,12 @@ def test_worker_exit_status_is_zero_after_a_normal_room(server):
     # The parent reaped it (no zombie) and logged nothing abnormal.
     wait_until(lambda: not server.children(), what="worker reaped")
     assert "exited with status" not in server.out.text()
-    assert os.path.exists(f"/proc/{server.pid}")
+    # The server itself is still running: not merely a /proc entry (an unreaped, dead
+    # child keeps one), but a process that has not exited and still serves.
+    assert server.proc.poll() is None
+    x, y = pair(server.address, "x", "y")
+    x.send("after a reaped room")
+    y.expect("MSG after a reaped room")
 
 
 def test_processes_are_named_for_top(server):
