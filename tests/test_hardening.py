@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import resource
@@ -24,9 +25,12 @@ from support import (
     Peer,
     ServerProc,
     child_env,
+    close_all,
     pair,
     reap_tree,
+    report,
     socket_fds,
+    tcp_sockets,
     wait_until,
 )
 
@@ -157,14 +161,17 @@ def test_bad_names_get_bye_bad_name_with_the_rule(server, name):
 
 
 def test_silent_and_half_named_clients_time_out_without_delaying_others():
-    srv = ServerProc("--no-color", "--name-timeout", "1")
+    srv = ServerProc("--no-color", "--name-timeout", "2")
     try:
         silent = Peer(srv.address)
         half = Peer(srv.address)
         half.send(b"bo")
-        started = time.monotonic()
-        a, b = pair(srv.address)  # pairing is not held up by the silent ones
-        assert time.monotonic() - started < 1.0
+        a, b = pair(srv.address)  # pairing is not held up by the silent ones: by the
+        # server's own order of events, the room opened before their name timeout.
+        srv.out.wait_for("room 1 opened")
+        lines = srv.out.lines[:]
+        opened = next(i for i, line in enumerate(lines) if "room 1 opened" in line)
+        assert not [line for line in lines[:opened] if "(timeout" in line]
         silent.expect("BYE timeout")
         half.expect("BYE timeout")
         silent.expect_closed()
@@ -235,7 +242,11 @@ def test_past_max_waiting_new_clients_get_bye_full():
         c.expect("BYE exit")
         f = Peer(srv.address, "frank")
         f.expect("WAIT ")
-        assert len(busy) == 2
+        g = Peer(srv.address, "gina")  # dave and frank fill the queue again
+        g.expect("BYE full")
+        x, y = busy  # and the busy room never noticed
+        x.send("still busy")
+        y.expect("MSG still busy")
     finally:
         srv.stop()
 
@@ -331,7 +342,7 @@ def test_client_sockets_use_keepalive_and_nodelay():
 
 
 def test_vanished_client_without_fin_is_closed_by_the_idle_timeout():
-    srv = ServerProc("--no-color", "--idle-timeout", "1")
+    srv = ServerProc("--no-color", "--idle-timeout", "2")
     try:
         a, b = pair(srv.address)
         worker = srv.children()[0]
@@ -353,16 +364,18 @@ def test_out_of_file_descriptors_pauses_accepting_and_recovers():
     try:
         socks = [raw_connect(srv.address) for _ in range(30)]
         srv.out.wait_for("accept failed .*pausing accepts")
-        cpu_before = psutil.Process(srv.pid).cpu_times()
-        # While out of fds the server must sleep, not spin on the listener.
+        # While out of fds the server must sleep, not spin on the listener. A spinning
+        # server burns nearly all of a core even on a loaded machine; a sleeping one a
+        # few milliseconds. The window is wide and the bar low so neither can be mistaken.
         waiter = raw_connect(srv.address)
-        started = time.monotonic()
-        waiter.settimeout(1.0)
+        server = psutil.Process(srv.pid)
+        cpu_before, started = server.cpu_times(), time.monotonic()
+        waiter.settimeout(2.0)
         with pytest.raises(TimeoutError):
             waiter.recv(100)
-        cpu = psutil.Process(srv.pid).cpu_times()
+        cpu = server.cpu_times()
         spent = (cpu.user + cpu.system) - (cpu_before.user + cpu_before.system)
-        assert spent < 0.5 * (time.monotonic() - started)
+        assert spent < 0.2 * (time.monotonic() - started)
         for s in socks:
             s.close()
         waiter.settimeout(DEADLINE)
@@ -391,7 +404,7 @@ def test_failed_room_start_tells_the_pair_and_server_goes_on():
         b = Peer(srv.address, "bob")
         a.expect("BYE error")
         b.expect("BYE error")
-        srv.out.wait_for("cannot fork a room worker")
+        srv.out.wait_for("cannot (fork a room worker|make a room channel)")
         for s in fillers:
             s.close()
         wait_until(lambda: psutil.Process(srv.pid).num_fds() <= base, what="fds released")
@@ -400,18 +413,83 @@ def test_failed_room_start_tells_the_pair_and_server_goes_on():
         srv.stop()
 
 
-PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+class PidsCgroupLimit:
+    """No fork for the server: alone in a cgroup v1 pids group with ``pids.max`` 1."""
+
+    ROOT = Path("/sys/fs/cgroup/pids")
+    why_not = None if os.access(ROOT, os.W_OK) else "no writable cgroup v1 pids hierarchy"
+    preexec = None
+
+    def __init__(self) -> None:
+        self.group = self.ROOT / f"forkchat-test-{os.getpid()}"
+
+    def apply(self, srv: ServerProc) -> None:
+        self.group.mkdir()
+        (self.group / "pids.max").write_text("1")
+        (self.group / "cgroup.procs").write_text(str(srv.pid))
+
+    def lift(self, srv: ServerProc) -> None:
+        (self.ROOT / "cgroup.procs").write_text(str(srv.pid))
+
+    def cleanup(self, srv: ServerProc) -> None:
+        if self.group.exists():
+            if srv.proc.poll() is None:
+                self.lift(srv)
+            self.group.rmdir()
 
 
-@pytest.mark.skipif(not os.access(PIDS_CGROUP, os.W_OK), reason="no writable pids cgroup")
-def test_fork_failure_tells_the_pair_and_leaks_nothing():
-    group = PIDS_CGROUP / f"forkchat-test-{os.getpid()}"
-    group.mkdir()
-    srv = None
+PR_SET_SECUREBITS = 28
+SECBIT_NOROOT = 1
+
+
+class NprocLimit:
+    """No fork for the server: ``RLIMIT_NPROC`` 2 under a real uid of its own, with one
+    room already open (works on cgroup v2 hosts too). The limit counts processes by real
+    uid and does not bind root, so the server runs with a real uid nobody else uses,
+    effective uid 0 (to run a Python that may live under /root) and, through
+    SECBIT_NOROOT, no capabilities after its exec. Forks work again once the open room
+    ends (the test may lack CAP_SYS_RESOURCE to raise the limit from outside)."""
+
+    why_not = None if os.geteuid() == 0 else "needs root to give the server a uid of its own"
+
+    def __init__(self) -> None:
+        used = {p.info["uids"].real for p in psutil.process_iter(["uids"]) if p.info["uids"]}
+        self.uid = next(u for u in range(61000 + os.getpid() % 3000, 65000) if u not in used)
+        self.holders: tuple[Peer, Peer] | None = None
+
+    def preexec(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (2, 2))
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECUREBITS)")
+        os.setresuid(self.uid, 0, 0)
+
+    def apply(self, srv: ServerProc) -> None:
+        assert psutil.Process(srv.pid).uids().real == self.uid
+        self.holders = pair(srv.address, "hold1", "hold2")  # the one process allowed
+
+    def lift(self, srv: ServerProc) -> None:
+        x, y = self.holders
+        x.send("exit")
+        y.expect("BYE partner-exit")
+        close_all(self.holders)
+        wait_until(lambda: not srv.children(), what="holding room reaped")
+
+    def cleanup(self, srv: ServerProc) -> None:
+        if self.holders:
+            close_all(self.holders)
+
+
+@pytest.mark.parametrize("limit_kind", [PidsCgroupLimit, NprocLimit], ids=["cgroup", "nproc"])
+def test_fork_failure_tells_the_pair_and_leaks_nothing(limit_kind):
+    if limit_kind.why_not:
+        pytest.skip(limit_kind.why_not)
+    limit = limit_kind()
+    srv = ServerProc("--no-color", preexec=limit.preexec)
     try:
-        srv = ServerProc("--no-color")
-        (group / "pids.max").write_text("1")
-        (group / "cgroup.procs").write_text(str(srv.pid))
+        limit.apply(srv)
+        rooms = len(srv.children())
+        idle_sockets = socket_fds(srv.pid)  # listener, wakeup pair, open rooms' channels
         base = None
         for i in range(4):
             a = Peer(srv.address, f"a{i}")
@@ -427,18 +505,17 @@ def test_fork_failure_tells_the_pair_and_leaks_nothing():
             # counts), every failed fork must leave the fd count where it was.
             if base is None:
                 srv.out.wait_for("cannot fork a room worker")
-                wait_until(lambda: socket_fds(srv.pid) == 3, what="pair closed")
+                wait_until(lambda: socket_fds(srv.pid) == idle_sockets, what="pair closed")
                 base = psutil.Process(srv.pid).num_fds()
-        wait_until(lambda: socket_fds(srv.pid) == 3, what="pairs closed")
+        wait_until(lambda: srv.out.count("cannot fork a room worker") == 4, what="4 logged")
+        wait_until(lambda: socket_fds(srv.pid) == idle_sockets, what="pairs closed")
         assert psutil.Process(srv.pid).num_fds() == base
-        (PIDS_CGROUP / "cgroup.procs").write_text(str(srv.pid))
+        assert len(srv.children()) == rooms
+        limit.lift(srv)
         expect_room_works(srv.address)
     finally:
-        if srv is not None:
-            if srv.proc.poll() is None:
-                (PIDS_CGROUP / "cgroup.procs").write_text(str(srv.pid))
-            srv.stop()
-        group.rmdir()
+        limit.cleanup(srv)
+        srv.stop()
 
 
 def test_random_bytes_never_kill_the_server_or_other_rooms(server):
@@ -502,8 +579,8 @@ def test_a_thousand_connects_at_once_are_all_served():
             s.setblocking(True)
             s.settimeout(DEADLINE)
             s.sendall(f"u{i}\n".encode())
-        answered = 0
-        for s in socks:
+        partner_of = {}
+        for i, s in enumerate(socks):
             data = b""
             while data.count(b"\n") < 2:
                 chunk = s.recv(4096)
@@ -511,8 +588,12 @@ def test_a_thousand_connects_at_once_are_all_served():
                 data += chunk
             second = data.split(b"\n")[1]
             assert second.startswith((b"WAIT ", b"PAIRED ")), second
-            answered += 1
-        assert answered == 1000
+            if second.startswith(b"PAIRED "):
+                partner_of[f"u{i}"] = second.split()[1].decode()
+        # Every one of them is counted, and exactly 20 rooms hold 40 of them.
+        assert report(srv) == (1000, 20, 960, 0)
+        for name, partner in partner_of.items():  # a pair is a pair both ways
+            assert partner_of.get(partner, name) == name
         assert "BYE full" not in srv.out.text()
     finally:
         for s in socks:
@@ -648,11 +729,8 @@ def test_sighup_shuts_down_cleanly():
 
 def test_server_with_stdout_closed_runs_without_a_traceback(tmp_path):
     pidfile = tmp_path / "pid"
-    with socket.socket() as probe:  # no listen line to read: choose the port here
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, str(BIN / "server"), "--port", str(port), "--pidfile", str(pidfile)],
+        [sys.executable, str(BIN / "server"), "--port", "0", "--pidfile", str(pidfile)],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=child_env(),
@@ -660,8 +738,11 @@ def test_server_with_stdout_closed_runs_without_a_traceback(tmp_path):
         preexec_fn=lambda: os.close(1),
     )
     try:
+        # No listen line to read: the pidfile is written once the server listens, and
+        # the kernel says on which port (no port picked by bind-and-release here).
         wait_until(pidfile.exists, what="pidfile written")
-        a, b = pair(("127.0.0.1", port))
+        (listener,) = [c for c in tcp_sockets(proc.pid) if c.status == psutil.CONN_LISTEN]
+        a, b = pair(("127.0.0.1", listener.laddr.port))
         a.send("no stdout")
         b.expect("MSG no stdout")
         proc.send_signal(signal.SIGTERM)
