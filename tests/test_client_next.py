@@ -17,9 +17,6 @@ from support import DEADLINE, Peer, ServerProc, reap_tree
 
 __all__ = ["tty_client"]  # a fixture used here
 
-# The server's side of next is being written (issue 10); the integrator unskips.
-SERVER_NEXT_PENDING = pytest.mark.skip(reason="server next pending")
-
 
 @pytest.fixture
 def fake_server():
@@ -146,7 +143,6 @@ def test_next_while_waiting_is_sent_and_answered_with_wait(fake_server, piped):
 # ---------------------------------------------------------------- against the real server
 
 
-@SERVER_NEXT_PENDING
 def test_next_with_the_real_server_pairs_someone_else(server, piped):
     alice = waiting_peer(server)
     client = piped(server.port, "bob")
@@ -178,7 +174,6 @@ def requeue_server():
     srv.stop()
 
 
-@SERVER_NEXT_PENDING
 def test_partner_next_under_requeue_keeps_the_client(requeue_server, piped):
     alice = waiting_peer(requeue_server)
     client = piped(requeue_server.port, "bob")
@@ -196,7 +191,6 @@ def test_partner_next_under_requeue_keeps_the_client(requeue_server, piped):
         peer.close()
 
 
-@SERVER_NEXT_PENDING
 def test_interactive_next_typed_off_turn(server, tty_client):
     alice = waiting_peer(server)
     child = tty_client(server.port, "bob")
