@@ -33,8 +33,9 @@ import sys
 from . import __version__
 from .args import UsageError, parse_port, parse_usage, to_number
 from .log import Log, detach_stdout, want_color
+from .pidfile import remove_pidfile
 from .proctitle import SERVER_NAME, set_comm
-from .server import Options, Server, StartupError, remove_pidfile
+from .server import Options, Server, StartupError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

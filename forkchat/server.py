@@ -1,23 +1,19 @@
 """The forkchat parent process: accept, names, waiting queue, pairing, reaping, signals.
 
 :class:`Server` owns one selector over the listening socket, every client not yet in a
-room, the signal wakeup socket and every room worker's sentinel. For each complete pair
-it forks a room worker (``room.py``) with the fork context pinned below. The command
-line that builds its :class:`Options` is in ``cli.py``.
+room, the signal wakeup socket, every room worker's sentinel and every room's channel.
+For each pair the queue gives (``waitlist.py``) it forks a room worker (``workers.py``
+forks, ``room.py`` relays) and takes back the clients rooms hand back. The command line
+that builds its :class:`Options` is in ``cli.py``.
 """
 
 from __future__ import annotations
 
-import gc
-import multiprocessing
-import multiprocessing.sharedctypes  # imported now: lazily, at the first room, fds may be short
 import os
 import selectors
 import signal
 import socket
-import stat
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,14 +31,20 @@ from .conn import (
     tune_socket,
 )
 from .fdmap import FdMap
-from .handback import ChannelReader, HandBack, unpack_inbox
+from .handback import HandBack, unpack_inbox
 from .log import Log
-from .proctitle import ROOM_NAME, is_server_pid, room_title, set_title
+from .pidfile import PidfileError, write_pidfile
+from .proctitle import ROOM_NAME, room_title, set_title
 from .room import LINGER, PARENT_SIGNALS, RoomRules, reset_inherited_signals, run_room
 from .waitlist import WaitList, may_pair
-
-# The start method is pinned once, here: rooms are forked (Python 3.14 changes the default).
-MP = multiprocessing.get_context("fork")
+from .workers import (
+    RoomProc,
+    WorkerError,
+    describe_exit,
+    fork_room,
+    format_report,
+    parent_pipe_fds,
+)
 
 EXIT_OK = 0
 BACKLOG = 4096
@@ -70,24 +72,6 @@ class Options:
     pidfile: str | None = None
     no_color: bool = False
     requeue: bool = False
-
-
-@dataclass
-class RoomProc:
-    """What the parent keeps of a room: its worker, that worker's client count, and the
-    parent's end of the room's channel (hand-backs)."""
-
-    number: int
-    proc: Any  # multiprocessing.Process
-    clients: Any  # multiprocessing.Value("i"): 2 at the fork, then the worker's to write
-    channel: socket.socket
-    reader: ChannelReader
-    received: int = 0  # clients taken back from the channel: no longer the room's
-
-    @property
-    def held(self) -> int:
-        """The room's clients that the parent has not taken back: exact whenever read."""
-        return max(0, self.clients.value - self.received)
 
 
 def make_listener(host: str, port: int) -> socket.socket:
@@ -151,7 +135,10 @@ class Server:
         host, port = self.listener.getsockname()[:2]
         self.address = format_peer((host, port))
         if self.opts.pidfile:
-            write_pidfile(self.opts.pidfile)
+            try:
+                write_pidfile(self.opts.pidfile)
+            except PidfileError as exc:
+                raise StartupError(str(exc)) from None
         self.sel.register(self.listener, selectors.EVENT_READ, self.accept_clients)
         self.install_signals()
         self.log.plain(f"forkchat server listening on {self.address} pid {os.getpid()}")
@@ -519,56 +506,12 @@ class Server:
         self.sel.register(room.channel, selectors.EVENT_READ, self.on_channel)
 
     def start_worker(self, number: int, first: Conn, second: Conn) -> RoomProc | None:
-        """Fork the room worker with its shared client count and its channel. None if it
-        cannot be done now (out of fds, processes or memory); nothing is left half made.
-
-        Signals are blocked around the fork so none lands in a half-made worker, and the
-        heap is frozen so the child's gc never touches (and copies) the parent's objects.
-        """
+        """Fork the room worker (``workers.fork_room``); None if it cannot be done now."""
         try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as exc:
-            self.log.error(f"cannot make a room channel: {exc.strerror or exc}")
+            return fork_room(number, self.become_room, (number, first, second), self.fds)
+        except WorkerError as exc:
+            self.log.error(str(exc))
             return None
-        self.fds.own(ours.fileno())  # the worker closes the parent's end with the rest
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
-        free = self.lowest_free_fds(6)  # where a failed start would leave its pipes
-        gc.freeze()
-        try:
-            clients = MP.Value("i", 2, lock=False)
-            proc = MP.Process(
-                target=self.become_room,
-                args=(number, first, second, clients, theirs),
-                name=f"forkchat-room-{number}",
-                daemon=True,
-            )
-            proc.start()
-            forget_child(proc)
-        except OSError as exc:
-            self.log.error(f"cannot fork a room worker: {exc.strerror or exc}")
-            close_stray_pipes(free)
-            self.fds.disown(ours.fileno())
-            ours.close()
-            return None
-        finally:
-            gc.unfreeze()
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            theirs.close()
-        ours.setblocking(False)
-        return RoomProc(number, proc, clients, ours, ChannelReader(ours))
-
-    def lowest_free_fds(self, count: int) -> list[int]:
-        """The ``count`` lowest fd numbers not in use (fewer if fds run out): the numbers
-        the next pipes will get. Probed with dup, a few syscalls."""
-        probes: list[int] = []
-        try:
-            for _ in range(count):
-                probes.append(os.dup(self.wake_r.fileno()))
-        except OSError:
-            pass
-        for fd in probes:
-            os.close(fd)
-        return probes
 
     def refuse_pair(self, first: Conn, second: Conn) -> None:
         """The fork failed: tell both, the server goes on."""
@@ -744,20 +687,6 @@ class Server:
                 os.kill(room.proc.pid, signal.SIGUSR1)
 
 
-def format_report(rooms: Any, waiting: int, handshaking: int) -> str:
-    """The SIGUSR2 report: ``NUMBER OF CLIENTS : ** N **`` and the counts line.
-
-    ``rooms`` are the RoomProcs not yet reaped. A worker that has exited (exitcode set,
-    reaped or not) counts neither as a room nor for its clients: it holds none.
-    """
-    live = [room for room in rooms if room.proc.exitcode is None]
-    clients = handshaking + waiting + sum(room.held for room in live)
-    return (
-        f"NUMBER OF CLIENTS : ** {clients} **\n"
-        f"rooms {len(live)}, waiting {waiting}, handshaking {handshaking}"
-    )
-
-
 def restore_conn(conn: Conn, record: HandBack) -> None:
     """Give a handed-back client what it had in its room: name, last partner, lines
     not yet handled, the unfinished line, output not yet sent, end of input."""
@@ -768,94 +697,3 @@ def restore_conn(conn: Conn, record: HandBack) -> None:
     conn.reader.discarding = record.discarding
     conn.out += record.out
     conn.eof = record.eof
-
-
-def close_stray_pipes(candidates: list[int]) -> None:
-    """After a failed start: close the pipes multiprocessing made before fork() failed.
-
-    ``candidates`` were free just before the start, so a pipe there now is a leftover;
-    anything else (a regular file, an fd from a supervisor) is left alone.
-    """
-    for fd in candidates:
-        try:
-            if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                os.close(fd)
-        except OSError:
-            pass
-
-
-def forget_child(proc: Any) -> None:
-    """Take a started worker out of multiprocessing's set of children.
-
-    ``Process.start()`` polls every child in that set (a waitpid each) before it forks,
-    which makes each fork cost as much as the rooms already open. Rooms are reaped here
-    through their sentinels and ``join()``, which do not need the set.
-    """
-    children = getattr(multiprocessing.process, "_children", None)
-    if isinstance(children, set):
-        children.discard(proc)
-
-
-def parent_pipe_fds(proc: Any) -> tuple[int, ...]:
-    """The parent's ends of a worker's two pipes: its sentinel, and the write end whose
-    close tells the worker the parent died. A newer worker must close both, or an older
-    one would never see the parent die. CPython's fork Popen keeps them as the arguments
-    of its finalizer; the sentinel alone is the public fallback."""
-    finalizer = getattr(getattr(proc, "_popen", None), "finalizer", None)
-    args = getattr(finalizer, "_args", None)
-    if isinstance(args, tuple) and all(isinstance(fd, int) for fd in args):
-        return args
-    return (proc.sentinel,)
-
-
-def describe_exit(code: int) -> str:
-    """``exited with status 3`` or ``killed by SIGKILL`` for a Process.exitcode."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with status {code}"
-
-
-def write_pidfile(path: str) -> None:
-    """Write our PID atomically. Raises StartupError if the file names a running
-    forkchat server, or cannot be written.
-
-    A stale file (after a SIGKILL or an OOM kill) naming some other live process does
-    not stop a restart. The temporary file is made by ``mkstemp`` (unpredictable name,
-    ``O_EXCL``), so a symlink planted next to the pidfile cannot redirect the write.
-    """
-    try:
-        with open(path) as f:
-            other = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        other = 0
-    if other and other != os.getpid() and is_server_pid(other):
-        raise StartupError(f"pidfile {path} names running forkchat server {other}")
-    folder, base = os.path.split(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", dir=folder)
-    except OSError as exc:
-        raise StartupError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise StartupError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
-
-
-def remove_pidfile(path: str) -> None:
-    """Remove the pidfile if it still names us."""
-    try:
-        with open(path) as f:
-            if int(f.read().strip()) == os.getpid():
-                os.unlink(path)
-    except (OSError, ValueError):
-        pass

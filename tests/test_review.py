@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from forkchat.server import format_report
+from forkchat.workers import format_report
 from support import (
     BIN,
     DEADLINE,
