@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -153,7 +154,12 @@ class ServerProc:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        """SIGTERM, wait against a deadline, then SIGKILL what is left (by PID)."""
+        """Close the test's clients of this server (a server at shutdown waits, bounded,
+        for its clients to close), then SIGTERM, wait against a deadline, and SIGKILL
+        what is left (by PID)."""
+        for peer in list(_live_peers):
+            if peer.address == self.address:
+                peer.close()
         reap_tree(self.proc)
 
     kill = stop
@@ -214,6 +220,8 @@ class Peer:
     """A raw TCP client driven the way a person drives ``nc``, with deadlines."""
 
     def __init__(self, address: tuple[str, int], name: str | None = None) -> None:
+        self.address = address
+        _live_peers.add(self)
         self.sock = socket.create_connection(address, timeout=DEADLINE)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
@@ -276,6 +284,9 @@ class Peer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+_live_peers: weakref.WeakSet[Peer] = weakref.WeakSet()
 
 
 def pair(address: tuple[str, int], a: str = "alice", b: str = "bob") -> tuple[Peer, Peer]:

@@ -191,6 +191,7 @@ def test_idle_room_is_closed_with_bye_timeout():
         a.expect("BYE timeout")
         b.expect("BYE timeout")
         a.expect_closed()
+        close_all((a, b))  # the room waits (bounded) for its clients to close
         srv.out.wait_for("room 1 closed: idle timeout")
     finally:
         srv.stop()
@@ -745,6 +746,7 @@ def test_server_with_stdout_closed_runs_without_a_traceback(tmp_path):
         a, b = pair(("127.0.0.1", listener.laddr.port))
         a.send("no stdout")
         b.expect("MSG no stdout")
+        close_all((a, b))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(DEADLINE) == 0
         assert proc.stderr.read() == b""

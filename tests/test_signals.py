@@ -214,6 +214,8 @@ def test_ctrl_c_in_the_server_terminal_ends_cleanly():
         child.sendintr()
         a.expect("BYE shutdown SERVER WILL CLOSE NOW")
         b.expect("BYE shutdown SERVER WILL CLOSE NOW")
+        a.close()
+        b.close()
         child.expect("SERVER WILL DISCONNECT")
         child.expect(pexpect.EOF)
         assert b"Traceback" not in child.before
