@@ -3,7 +3,9 @@ values converted and range-checked with a message that names the option."""
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,9 @@ def parse_usage(doc: str, argv: list[str] | None, version: str) -> dict[str, Any
         return docopt(doc, argv=argv, version=version)
     except DocoptExit as exc:
         raise UsageError(explain_usage(str(exc))) from None
+    except BrokenPipeError:  # -h into a pager or head that stopped reading: no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
 
 
 def explain_usage(message: str) -> str:

@@ -18,10 +18,17 @@ Options:
                        [default: 1800].
   --requeue            A client whose partner leaves (exit, next, vanished) waits for
                        a new partner instead of getting BYE.
+  --tls-cert FILE      Serve TLS (1.2 or later) with this PEM certificate (chain)...
+  --tls-key FILE       ...and this PEM private key; both or neither.
+  --proxy-protocol     Every connection starts with a PROXY header (v1 or v2, as HAProxy's
+                       send-proxy writes it): only behind a proxy you control.
   --pidfile PATH       Write the server's PID here at start, remove it at a clean exit.
   --no-color           Never colour the log (NO_COLOR in the environment does the same).
   -h --help            Show this help.
   --version            Show the version.
+
+Started by systemd with a listening socket (LISTEN_FDS=1, socket activation), it serves
+that socket and ignores --host and --port.
 
 Signals: SIGUSR2 prints the number of clients; SIGUSR1, SIGTERM and SIGINT shut down.
 """
@@ -44,6 +51,8 @@ EXIT_USAGE = 2
 def parse_options(argv: list[str] | None = None) -> Options:
     """Parse and check the command line. Raises UsageError, or exits for -h/--version."""
     args = parse_usage(__doc__, argv, f"forkchat {__version__}")
+    if bool(args["--tls-cert"]) != bool(args["--tls-key"]):
+        raise UsageError("--tls-cert and --tls-key go together")
     return Options(
         host=args["--host"],
         port=parse_port(args["--port"], low=0),
@@ -55,6 +64,9 @@ def parse_options(argv: list[str] | None = None) -> Options:
         pidfile=args["--pidfile"],
         no_color=args["--no-color"],
         requeue=args["--requeue"],
+        tls_cert=args["--tls-cert"],
+        tls_key=args["--tls-key"],
+        proxy_protocol=args["--proxy-protocol"],
     )
 
 

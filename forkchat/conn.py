@@ -11,11 +11,14 @@ from __future__ import annotations
 import errno
 import selectors
 import socket
+import ssl
 from collections import deque
 
 from .protocol import DEFAULT_MAX_LINE, LineReader, TooLong
 
 RECV_SIZE = 65536
+# A read or write that cannot go on now; over TLS, either may need the other direction.
+WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # One receive buffer per process, reused by every read: a fresh 64 KiB object per recv()
 # would make each room worker copy-on-write that much of the parent's heap.
 _RECV_BUFFER = bytearray(RECV_SIZE)
@@ -110,17 +113,26 @@ class Conn:
 
         Never blocks; a read that would block counts as still open.
         """
-        try:
-            size = self.sock.recv_into(_RECV_BUFFER)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            return False  # reset, keepalive timeout: the peer is gone
-        if not size:
-            self.eof = True
-            return False
-        self.inbox.extend(self.reader.feed(_RECV_BUFFER[:size]))
-        return True
+        while True:
+            try:
+                size = self.sock.recv_into(_RECV_BUFFER)
+            except WOULD_BLOCK:
+                return True
+            except ssl.SSLEOFError:
+                size = 0  # TCP closed without TLS close_notify: still an end of input
+            except OSError:
+                return False  # reset, keepalive timeout: the peer is gone
+            if not size:
+                self.eof = True
+                return False
+            self.inbox.extend(self.reader.feed(_RECV_BUFFER[:size]))
+            # Bytes TLS has decrypted already are invisible to the selector: take them now.
+            if not self.tls_pending():
+                return True
+
+    def tls_pending(self) -> int:
+        """Decrypted bytes waiting inside the TLS session (0 for plain TCP)."""
+        return self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
 
     def queue(self, data: bytes) -> bool:
         """Append output. False when the unsent output is over the bound (slow consumer)."""
@@ -135,24 +147,31 @@ class Conn:
         while self.out:
             try:
                 sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
+            except WOULD_BLOCK:
                 return False
             del self.out[:sent]
         return True
 
     def shut_write(self) -> None:
-        """Send FIN after the last line, so the peer reads everything before the close."""
+        """Send FIN after the last line (over TLS, close_notify first), so the peer reads
+        everything before the close."""
         if not self.wr_shut:
             self.wr_shut = True
+            if isinstance(self.sock, ssl.SSLSocket):
+                try:
+                    self.sock.unwrap()  # sends close_notify; the peer's may come later
+                except (OSError, ValueError):
+                    pass
             try:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
 
     def peer_closed(self) -> bool:
-        """True if the peer has already closed or reset (a peek; nothing is consumed)."""
+        """True if the peer has already closed or reset (a peek at the TCP stream, below
+        any TLS; nothing is consumed)."""
         try:
-            return not self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return not socket.socket.recv(self.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -176,8 +195,10 @@ class Conn:
         if mask & selectors.EVENT_READ and not self.eof:
             try:
                 self.eof = not self.sock.recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
+            except WOULD_BLOCK:
                 pass
+            except ssl.SSLError:
+                self.eof = True  # TLS trouble after our BYE: nothing more to read
             except OSError:
                 return True
         return self.eof and not self.out

@@ -63,6 +63,7 @@ class RoomRules:
     idle_timeout: float = 0.0
     requeue: bool = False
     channel: socket.socket | None = None
+    tls: bool = False  # a TLS session cannot travel: next and --requeue end with BYE
 
 
 class Room:
@@ -192,6 +193,9 @@ class Room:
             self.relay(conn, line)
         elif verdict == p.LEAVE:
             self.part(conn, f"{conn.name} left", {conn: (p.BYE_EXIT, "goodbye")}, [])
+        elif verdict == p.NEXT and self.rules.tls:
+            bye = (p.BYE_EXIT, "over TLS a new partner needs a new connection: reconnect")
+            self.part(conn, f"{conn.name} left for a new partner", {conn: bye}, [])
         elif verdict == p.NEXT:
             back = (conn, "said next", "looking for a new partner")
             self.part(conn, f"{conn.name} asked for a new partner", {}, [back])
@@ -291,7 +295,7 @@ class Room:
 
     def requeues(self) -> bool:
         """Does a client whose partner leaves go back to the queue (``--requeue``)?"""
-        return self.rules.requeue and self.rules.channel is not None
+        return self.rules.requeue and self.rules.channel is not None and not self.rules.tls
 
     def hand_back(self, conn: Conn, why: str, text: str) -> None:
         """Send ``conn`` back to the parent's waiting queue with all its state (``why``

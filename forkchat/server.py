@@ -13,12 +13,14 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as p
+from .activation import ActivationError, listen_socket_from_env
 from .conn import (
     CLOSING,
     GONE,
@@ -34,8 +36,10 @@ from .fdmap import FdMap
 from .handback import HandBack, unpack_inbox
 from .log import Log
 from .pidfile import PidfileError, write_pidfile
+from .preamble import HealthCheck, Preamble, PreambleError
 from .proctitle import ROOM_NAME, room_title, set_title
 from .room import LINGER, PARENT_SIGNALS, RoomRules, reset_inherited_signals, run_room
+from .tlsconf import TlsError, server_context
 from .waitlist import WaitList, may_pair
 from .workers import (
     RoomProc,
@@ -72,6 +76,9 @@ class Options:
     pidfile: str | None = None
     no_color: bool = False
     requeue: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    proxy_protocol: bool = False
 
 
 def make_listener(host: str, port: int) -> socket.socket:
@@ -111,6 +118,8 @@ class Server:
         self.by_fd: dict[int, Conn] = {}  # every client the parent holds, by socket
         self.rooms: dict[int, RoomProc] = {}  # sentinel fd -> room
         self.channels: dict[int, RoomProc] = {}  # channel fd -> room
+        self.preambles: dict[int, Preamble] = {}  # fd -> PROXY/TLS steps not yet done
+        self.tls: ssl.SSLContext | None = None
         self.room_count = 0
         self.client_count = 0  # ids handed out
         self.stopping = False
@@ -126,11 +135,12 @@ class Server:
     def start(self) -> None:
         """Bind, write the pidfile, install the signal plumbing, then announce the listen
         line: once it is printed, everything is ready. Raises StartupError on failure."""
-        try:
-            self.listener = make_listener(self.opts.host, self.opts.port)
-        except OSError as exc:
-            where = f"{self.opts.host}:{self.opts.port}"
-            raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        if self.opts.tls_cert:
+            try:
+                self.tls = server_context(self.opts.tls_cert, self.opts.tls_key or "")
+            except TlsError as exc:
+                raise StartupError(str(exc)) from None
+        self.listener = self.open_listener()
         self.fds.own(self.listener.fileno())
         host, port = self.listener.getsockname()[:2]
         self.address = format_peer((host, port))
@@ -142,6 +152,21 @@ class Server:
         self.sel.register(self.listener, selectors.EVENT_READ, self.accept_clients)
         self.install_signals()
         self.log.plain(f"forkchat server listening on {self.address} pid {os.getpid()}")
+
+    def open_listener(self) -> socket.socket:
+        """The socket systemd passed on fd 3 (socket activation), or our own, bound to
+        ``--host``/``--port``. Raises StartupError."""
+        try:
+            passed = listen_socket_from_env()
+        except ActivationError as exc:
+            raise StartupError(f"socket activation: {exc}") from None
+        if passed is not None:
+            return passed
+        try:
+            return make_listener(self.opts.host, self.opts.port)
+        except OSError as exc:
+            where = f"{self.opts.host}:{self.opts.port}"
+            raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
     def install_signals(self) -> None:
         """Handlers only wake the loop: the C handler writes the signal number to wake_w.
@@ -206,6 +231,13 @@ class Server:
         """Act on every deadline that has passed; each dict is in deadline order."""
         now = time.monotonic()
         while self.handshaking and (conn := next(iter(self.handshaking.values()))).deadline <= now:
+            if self.preambles.pop(conn.fd, None) is not None:  # no protocol spoken yet
+                self.drop(
+                    conn,
+                    f"timeout: no PROXY header or TLS handshake within "
+                    f"{self.opts.name_timeout:g} s",
+                )
+                continue
             text = f"no name within {self.opts.name_timeout:g} s"
             self.say_bye(conn, p.BYE_TIMEOUT, text, why=f"timeout: {text}")
         while self.closing and (conn := next(iter(self.closing.values()))).deadline <= now:
@@ -237,16 +269,61 @@ class Server:
             sock.close()
             return
         conn = self.new_conn(sock, format_peer(addr))
-        self.log.event("connect", f"client connected {conn.peer}")
-        conn.queue(p.hello_line())
+        self.register(conn)
         if len(self.handshaking) >= self.opts.max_waiting:
-            self.register(conn)
-            text = "too many connections, try again later"
-            self.say_bye(conn, p.BYE_FULL, text, why=f"full: {len(self.handshaking)} handshaking")
+            self.turn_away(conn, f"full: {len(self.handshaking)} handshaking")
             return
         conn.deadline = time.monotonic() + self.opts.name_timeout
         self.handshaking[conn.fd] = conn
-        self.register(conn)
+        if self.tls is None and not self.opts.proxy_protocol:
+            self.greet(conn)
+            return
+        if not self.opts.proxy_protocol:  # the address is known now; with PROXY, later
+            self.log.event("connect", f"client connected {conn.peer}")
+        self.preambles[conn.fd] = Preamble(conn, self.opts.proxy_protocol, self.tls)
+        self.step_preamble(conn)
+
+    def greet(self, conn: Conn) -> None:
+        """A plain connection: log it and say HELLO."""
+        self.log.event("connect", f"client connected {conn.peer}")
+        conn.queue(p.hello_line())
+        self.write_client(conn)
+
+    def turn_away(self, conn: Conn, why: str) -> None:
+        """Too many connections: ``BYE full`` where the client can read it (plain TCP),
+        a plain close where it cannot (before a PROXY header or a TLS handshake)."""
+        if self.tls is None and not self.opts.proxy_protocol:
+            self.log.event("connect", f"client connected {conn.peer}")
+            conn.queue(p.hello_line())
+            self.say_bye(conn, p.BYE_FULL, "too many connections, try again later", why)
+        else:
+            self.drop(conn, why)
+
+    def step_preamble(self, conn: Conn) -> None:
+        """Advance the PROXY header and TLS handshake; greet the client once both are
+        through. A bad header, a failed handshake: one log line and the close. A health
+        check (PROXY LOCAL): closed without a word."""
+        preamble = self.preambles[conn.fd]
+        try:
+            events = preamble.step()
+        except HealthCheck:
+            del self.preambles[conn.fd]
+            self.drop(conn)
+            return
+        except PreambleError as exc:
+            del self.preambles[conn.fd]
+            self.drop(conn, str(exc))
+            return
+        if events:
+            self.watch(conn, events)
+            return
+        del self.preambles[conn.fd]
+        if self.opts.proxy_protocol:
+            self.log.event("connect", f"client connected {conn.peer}")
+        conn.queue(p.hello_line())
+        # A name may have come in the same TLS record as the handshake's end.
+        if self.read_client(conn):
+            self.write_client(conn)
 
     def turn_away_backlog(self) -> None:
         """At shutdown: accept the connections still in the kernel's queue and tell
@@ -263,8 +340,11 @@ class Server:
                 sock.close()
                 continue
             conn = self.new_conn(sock, format_peer(addr))
-            self.log.event("connect", f"client connected {conn.peer}")
             self.register(conn)
+            if self.tls is not None or self.opts.proxy_protocol:
+                self.drop(conn, "server shutdown")  # no protocol spoken yet: a clean close
+                continue
+            self.log.event("connect", f"client connected {conn.peer}")
             self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
 
     def new_conn(self, sock: socket.socket, peer: str, id: int = 0) -> Conn:
@@ -310,6 +390,8 @@ class Server:
             return
         if conn.state == CLOSING:
             self.close_client(conn, mask)
+        elif conn.fd in self.preambles:
+            self.step_preamble(conn)
         elif not mask & selectors.EVENT_READ or self.read_client(conn):
             self.write_client(conn)
 
@@ -531,7 +613,7 @@ class Server:
         self.fds.close_all(keep=(first.fd, second.fd, channel.fileno()))
         set_title(room_title(number, first.name, second.name), ROOM_NAME)
         log = Log(f"room {number} pid {os.getpid()}", self.log.color, self.log.stream)
-        rules = RoomRules(self.opts.idle_timeout, self.opts.requeue, channel)
+        rules = RoomRules(self.opts.idle_timeout, self.opts.requeue, channel, self.tls is not None)
         sys.exit(run_room(number, first, second, clients, rules, log))
 
     def on_sentinel(self, key: Any, mask: int) -> None:
@@ -679,6 +761,9 @@ class Server:
         self.fds.disown(self.listener.fileno())
         self.listener.close()
         for conn in [*self.handshaking.values(), *self.waiting]:
+            if self.preambles.pop(conn.fd, None) is not None:  # it cannot read a BYE yet
+                self.drop(conn, "server shutdown")
+                continue
             self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
         for room in self.rooms.values():
             # exitcode polls: a worker already reaped is never signalled (its PID may
