@@ -38,6 +38,7 @@ from .procstats import (
     mib,
     workers_by_age,
 )
+from .report import plural
 from .servers import ServerHandle
 from .settings import BenchError
 
@@ -87,7 +88,7 @@ def phase_uss(bench: Bench, target: ServerHandle) -> dict:
     """``--uss-rooms`` rooms trade ``--messages`` each, then each worker's USS is read,
     rooms still open."""
     s, rooms = bench.settings, bench.settings.uss_rooms
-    step = f"USS, {target.name}, {rooms} rooms"
+    step = f"USS, {target.name}, {plural(rooms, 'room')}"
     bench.progress.phase(f"{step} x {s.messages} messages")
     check_room_for(rooms, ROOM_ESTIMATE, memory_floor(), step)
     with bench.swarm(target) as d:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .drivers import Drivers, Progress, round_trip_job, sequential_job
 from .procstats import ROOM_ESTIMATE, check_room_for, memory_floor, tree_cpu_ns
+from .report import plural
 from .servers import ServerHandle, check_server, wait_rooms_closed
 from .settings import BenchError, Settings
 from .swarm import swarm_job
@@ -248,18 +249,18 @@ def phase_reps(bench: Bench) -> None:
     reduced to medians; with --ref, the ratios forkchat / reference."""
     s, r = bench.settings, bench.results
     runs: dict[str, list[dict]] = {name: [] for name in s.targets}
-    rooms = ",".join(map(str, s.rooms))
+    rooms = (
+        plural(s.rooms[0], "room") if len(s.rooms) == 1 else f"{','.join(map(str, s.rooms))} rooms"
+    )
     for rep in range(1, s.reps + 1):
         for name in s.targets:
             bench.progress.phase(
                 f"rep {rep} of {s.reps}, {name}: {s.round_trips} round trips, "
-                f"{s.messages} messages per room in {rooms} rooms"
+                f"{s.messages} messages per room in {rooms}"
             )
             runs[name].append(measure_rep(bench, bench.servers[name]))
-    r["round_trip"], r["throughput"] = (
-        median_round_trip(runs["forkchat"]),
-        median_throughput(runs["forkchat"]),
-    )
+    r["round_trip"] = median_round_trip(runs["forkchat"])
+    r["throughput"] = median_throughput(runs["forkchat"])
     if s.ref:
         ref = r.setdefault("reference", {})
         ref["round_trip"] = median_round_trip(runs["reference"])

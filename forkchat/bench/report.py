@@ -65,7 +65,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def sequential_rows(seq: dict) -> list[Row]:
-    detail = f"{seq['pairs']} pairs one by one, 2nd client's connect -> PAIRED"
+    detail = f"{plural(seq['pairs'], 'pair')} one by one, 2nd client's connect -> PAIRED"
     return [("pairing, sequential", format_spread(seq["ms"]), detail)]
 
 
@@ -104,7 +104,7 @@ def throughput_rows(runs: list[dict]) -> list[Row]:
 
 def memory_rows(mem: dict) -> list[Row]:
     value = f"p50 {mem['uss_p50_mib']:.2f} MiB  max {mem['uss_max_mib']:.2f} MiB"
-    detail = f"{mem['workers']} workers after {mem['after_messages']} messages each"
+    detail = f"{plural(mem['workers'], 'worker')} after {mem['after_messages']} messages each"
     rows = [("USS per room worker", value, detail)]
     if "oldest_p50_mib" in mem:
         value = f"{mem['oldest_p50_mib']:.2f} / {mem['newest_p50_mib']:.2f} MiB"
@@ -137,8 +137,12 @@ def held_rows(held: dict) -> list[Row]:
 def memory_point_row(step: dict) -> Row:
     value = f"{step['per_room_mib']:.2f} MiB"
     detail = f"marginal {step['marginal_mib']:.2f} MiB (last tenth)"
+    if "total_pss_mib" in step:
+        detail += f", server PSS {step['total_pss_mib'] / step['rooms']:.2f} MiB/room"
     if step.get("newest_uss_mib") is not None:
-        detail += f", newest worker USS {step['newest_uss_mib']:.2f} MiB"
+        detail += (
+            f", USS oldest {step['oldest_uss_mib']:.2f} newest {step['newest_uss_mib']:.2f} MiB"
+        )
     return (f"machine memory per room, {step['rooms']}", value, detail)
 
 
