@@ -13,7 +13,6 @@ cannot leave a lock held.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import selectors
 import signal
@@ -96,8 +95,9 @@ class Room:
     # -- set-up -----------------------------------------------------------------------
 
     def install_signals(self) -> None:
-        """Stop signals only wake the loop through a pipe (no socket: we hold only two).
-        The parent's death wakes it too: the end of multiprocessing's parent pipe."""
+        """Stop signals only wake the loop through a pipe (no socket: we hold only our
+        clients' and the channel). The parent's death wakes it too: the parent never
+        writes to the channel, so the channel turns readable only when its end closes."""
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
@@ -105,9 +105,8 @@ class Room:
         for sig in ROOM_STOP_SIGNALS:
             signal.signal(sig, lambda *_: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
-        parent = multiprocessing.parent_process()
-        if parent is not None and parent.sentinel is not None:
-            self.sel.register(parent.sentinel, selectors.EVENT_READ, "parent")
+        if self.rules.channel is not None:
+            self.sel.register(self.rules.channel, selectors.EVENT_READ, "parent")
         # The parent blocked these around the fork; pending ones arrive now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
 

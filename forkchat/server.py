@@ -14,7 +14,6 @@ import selectors
 import signal
 import socket
 import ssl
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,14 +40,7 @@ from .proctitle import ROOM_NAME, room_title, set_title
 from .room import LINGER, PARENT_SIGNALS, RoomRules, reset_inherited_signals, run_room
 from .tlsconf import TlsError, server_context
 from .waitlist import WaitList, may_pair
-from .workers import (
-    RoomProc,
-    WorkerError,
-    describe_exit,
-    fork_room,
-    format_report,
-    parent_pipe_fds,
-)
+from .workers import RoomProc, WorkerError, describe_exit, fork_room, format_report
 
 EXIT_OK = 0
 BACKLOG = 4096
@@ -580,8 +572,6 @@ class Server:
         for conn in (first, second):
             self.fds.disown(conn.fd)
             conn.close()
-        for fd in parent_pipe_fds(room.proc):
-            self.fds.own(fd)
         self.rooms[room.proc.sentinel] = room
         self.channels[room.channel.fileno()] = room
         self.sel.register(room.proc.sentinel, selectors.EVENT_READ, self.on_sentinel)
@@ -603,18 +593,15 @@ class Server:
 
     def become_room(
         self, number: int, first: Conn, second: Conn, clients: Any, channel: socket.socket
-    ) -> None:
+    ) -> int:
         """Child side of the fork: drop everything of the parent's but the pair and the
-        room's end of its channel, then relay.
-
-        Runs in the new process; its return value becomes the exit status via SystemExit.
-        """
+        room's end of its channel, then relay. Returns the worker's exit status."""
         reset_inherited_signals()
         self.fds.close_all(keep=(first.fd, second.fd, channel.fileno()))
         set_title(room_title(number, first.name, second.name), ROOM_NAME)
         log = Log(f"room {number} pid {os.getpid()}", self.log.color, self.log.stream)
         rules = RoomRules(self.opts.idle_timeout, self.opts.requeue, channel, self.tls is not None)
-        sys.exit(run_room(number, first, second, clients, rules, log))
+        return run_room(number, first, second, clients, rules, log)
 
     def on_sentinel(self, key: Any, mask: int) -> None:
         self.reap_room(key.fd)
@@ -667,8 +654,7 @@ class Server:
         ones from the queue."""
         room = self.rooms.pop(sentinel)
         self.sel.unregister(sentinel)
-        room.proc.join(timeout)
-        if room.proc.exitcode is None:  # stuck in the kernel even after SIGKILL
+        if room.proc.join(timeout) is None:  # stuck in the kernel even after SIGKILL
             self.log.error(f"room {room.number} pid {room.proc.pid} did not exit; leaving it")
             return
         self.close_channel(room)
@@ -676,8 +662,7 @@ class Server:
         if code:
             self.log.error(f"room {room.number} worker pid {room.proc.pid} {describe_exit(code)}")
         room.clients.value = 0
-        for fd in parent_pipe_fds(room.proc):
-            self.fds.disown(fd)
+        self.fds.disown(room.proc.sentinel)
         room.proc.close()
         self.open_rooms()
 
@@ -729,7 +714,7 @@ class Server:
         this batch): what they handed back is then in the queue, counted once.
         """
         for sentinel, room in list(self.rooms.items()):
-            if room.proc.exitcode is not None:
+            if room.proc.poll() is not None:
                 self.reap_room(sentinel)
         self.log.plain(format_report(self.rooms.values(), len(self.waiting), len(self.handshaking)))
 
@@ -766,9 +751,9 @@ class Server:
                 continue
             self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
         for room in self.rooms.values():
-            # exitcode polls: a worker already reaped is never signalled (its PID may
+            # poll() reaps: a worker already reaped is never signalled (its PID may
             # belong to someone else by now); its sentinel still ends it in the loop.
-            if room.proc.exitcode is None:
+            if room.proc.poll() is None:
                 os.kill(room.proc.pid, signal.SIGUSR1)
 
 

@@ -1,11 +1,19 @@
-"""The parent's side of room workers: forking one, what the parent keeps of it, and the
-multiprocessing details that keep forks cheap and clean.
+"""The parent's side of room workers: forking one, watching it, reaping it.
 
-The start method is pinned here, once: rooms are forked (Python 3.14 changes the Linux
-default). Each room gets, at the fork, its client count (a lock-free
-``multiprocessing.Value`` only the worker writes until it is reaped) and its channel (a
-Unix socketpair for hand-backs, ``handback.py``). The server (``server.py``) decides when
-to open and reap rooms; this module does the forking and the bookkeeping around it.
+A room worker is a plain ``os.fork()`` child, watched through a pidfd: a file
+descriptor the kernel makes readable when that one process exits, the sentinel the
+server's selector waits on. It is reaped by its own PID (``waitpid(pid)``, never
+``waitpid(-1)``). ``multiprocessing.Process`` did the same with more: two pipes, a
+finalizer and a bootstrap per child. Its bootstrap clears the finalizer registry, which
+holds an entry per live child, so each new worker wrote to as many of the parent's
+objects as there were rooms open (memory per room grew with the rooms); its pipes cost
+four fds and a dozen syscalls per fork. See the README's Performance section.
+
+Each room gets, at the fork, its client count (a lock-free ``multiprocessing.Value`` from
+the fork context pinned below, only the worker writes it until it is reaped) and its
+channel (a Unix socketpair for hand-backs, ``handback.py``; the worker also sees the
+parent die through it). The server (``server.py``) decides when to open and reap rooms;
+this module does the forking and the bookkeeping around it.
 """
 
 from __future__ import annotations
@@ -14,9 +22,9 @@ import gc
 import multiprocessing
 import multiprocessing.sharedctypes  # imported now: lazily, at the first room, fds may be short
 import os
+import select
 import signal
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +33,51 @@ from .fdmap import FdMap
 from .handback import ChannelReader
 from .room import PARENT_SIGNALS
 
+# The start method is pinned once, here: the counts live in the fork context's shared
+# memory, which forked workers inherit (Python 3.14 changes the Linux default).
 MP = multiprocessing.get_context("fork")
+EXIT_CRASH = 70  # EX_SOFTWARE: the worker's body raised past everything
 
 
 class WorkerError(Exception):
     """A room worker cannot be started now (out of fds, processes or memory)."""
+
+
+class Worker:
+    """A forked room worker as its parent sees it: PID, sentinel (a pidfd), exit code."""
+
+    __slots__ = ("exitcode", "pid", "sentinel")
+
+    def __init__(self, pid: int, sentinel: int) -> None:
+        self.pid = pid
+        self.sentinel = sentinel  # readable once the worker has exited
+        self.exitcode: int | None = None  # as multiprocessing: -N for signal N
+
+    def poll(self) -> int | None:
+        """Reap the worker if it has exited (never blocks); its exit code or None.
+
+        Once reaped, its PID may belong to another process: signal it only while this
+        returns None."""
+        if self.exitcode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+        return self.exitcode
+
+    def join(self, timeout: float | None = None) -> int | None:
+        """Wait up to ``timeout`` seconds (None: for ever) for the exit, then reap."""
+        if self.exitcode is None:
+            select.select([self.sentinel], [], [], timeout)
+        return self.poll()
+
+    def kill(self) -> None:
+        """SIGKILL, if not reaped yet."""
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Release the sentinel (after the reap)."""
+        os.close(self.sentinel)
 
 
 @dataclass
@@ -38,7 +86,7 @@ class RoomProc:
     parent's end of the room's channel (hand-backs)."""
 
     number: int
-    proc: Any  # multiprocessing.Process
+    proc: Worker
     clients: Any  # multiprocessing.Value("i"): 2 at the fork, then the worker's to write
     channel: socket.socket
     reader: ChannelReader
@@ -50,35 +98,30 @@ class RoomProc:
         return max(0, self.clients.value - self.received)
 
 
-def fork_room(number: int, target: Callable[..., None], args: tuple, fds: FdMap) -> RoomProc:
+def fork_room(number: int, target: Callable[..., int], args: tuple, fds: FdMap) -> RoomProc:
     """Fork the worker for room ``number``: ``target(*args, clients, channel)`` runs in
-    the child. Raises WorkerError if it cannot be done now; nothing is left half made.
+    the child and its return value is the exit status. Raises WorkerError if it cannot be
+    done now; nothing is left half made.
 
     Signals are blocked around the fork so none lands in a half-made worker, and the
     heap is frozen so the child's gc never touches (and copies) the parent's objects.
-    The parent's end of the channel is marked in ``fds`` (later workers close it); its
-    copy of the worker's end is closed at once.
+    The parent's end of the channel and the sentinel are marked in ``fds`` (later
+    workers close them); the parent's copy of the worker's end is closed at once.
     """
     try:
+        clients = MP.Value("i", 2, lock=False)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:
         raise WorkerError(f"cannot make a room channel: {exc.strerror or exc}") from None
     fds.own(ours.fileno())  # the worker closes the parent's end with the rest
     old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
-    free = lowest_free_fds(ours.fileno(), 6)  # where a failed start would leave its pipes
     gc.freeze()
     try:
-        clients = MP.Value("i", 2, lock=False)
-        proc = MP.Process(
-            target=target,
-            args=(*args, clients, theirs),
-            name=f"forkchat-room-{number}",
-            daemon=True,
-        )
-        proc.start()
-        forget_child(proc)
+        pid = os.fork()
+        if pid == 0:
+            run_child(target, (*args, clients, theirs))  # never returns
+        sentinel = os.pidfd_open(pid)
     except OSError as exc:
-        close_stray_pipes(free)
         fds.disown(ours.fileno())
         ours.close()
         raise WorkerError(f"cannot fork a room worker: {exc.strerror or exc}") from None
@@ -86,64 +129,25 @@ def fork_room(number: int, target: Callable[..., None], args: tuple, fds: FdMap)
         gc.unfreeze()
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
+    fds.own(sentinel)
     ours.setblocking(False)
-    return RoomProc(number, proc, clients, ours, ChannelReader(ours))
+    return RoomProc(number, Worker(pid, sentinel), clients, ours, ChannelReader(ours))
 
 
-def lowest_free_fds(probe: int, count: int) -> list[int]:
-    """The ``count`` lowest fd numbers not in use (fewer if fds run out): the numbers
-    the next pipes will get. Probed by duplicating the open fd ``probe``."""
-    probes: list[int] = []
+def run_child(target: Callable[..., int], args: tuple) -> None:
+    """The child's side of the fork. This must never return, hence os._exit(): the
+    parent's stack above us is not ours to unwind."""
+    code = EXIT_CRASH
     try:
-        for _ in range(count):
-            probes.append(os.dup(probe))
-    except OSError:
-        pass
-    for fd in probes:
-        os.close(fd)
-    return probes
-
-
-def close_stray_pipes(candidates: list[int]) -> None:
-    """After a failed start: close the pipes multiprocessing made before fork() failed.
-
-    ``candidates`` were free just before the start, so a pipe there now is a leftover;
-    anything else (a regular file, an fd from a supervisor) is left alone.
-    """
-    for fd in candidates:
-        try:
-            if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                os.close(fd)
-        except OSError:
-            pass
-
-
-def forget_child(proc: Any) -> None:
-    """Take a started worker out of multiprocessing's set of children.
-
-    ``Process.start()`` polls every child in that set (a waitpid each) before it forks,
-    which makes each fork cost as much as the rooms already open. Rooms are reaped here
-    through their sentinels and ``join()``, which do not need the set.
-    """
-    children = getattr(multiprocessing.process, "_children", None)
-    if isinstance(children, set):
-        children.discard(proc)
-
-
-def parent_pipe_fds(proc: Any) -> tuple[int, ...]:
-    """The parent's ends of a worker's two pipes: its sentinel, and the write end whose
-    close tells the worker the parent died. A newer worker must close both, or an older
-    one would never see the parent die. CPython's fork Popen keeps them as the arguments
-    of its finalizer; the sentinel alone is the public fallback."""
-    finalizer = getattr(getattr(proc, "_popen", None), "finalizer", None)
-    args = getattr(finalizer, "_args", None)
-    if isinstance(args, tuple) and all(isinstance(fd, int) for fd in args):
-        return args
-    return (proc.sentinel,)
+        code = target(*args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else EXIT_CRASH
+    finally:
+        os._exit(code)
 
 
 def describe_exit(code: int) -> str:
-    """``exited with status 3`` or ``killed by SIGKILL`` for a Process.exitcode."""
+    """``exited with status 3`` or ``killed by SIGKILL`` for a Worker.exitcode."""
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
