@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .drivers import Drivers
 from .phases import (
     Bench,
     all_latencies,
@@ -169,7 +170,7 @@ class Hold:
             leave(self.bench, d)
         self.bench.settle(self.target)
 
-    def open_rooms(self, d, rooms: int, watch: Callable) -> None:
+    def open_rooms(self, d: Drivers, rooms: int, watch: Callable) -> None:
         """Open rooms up to ``rooms``; every room open relays one message."""
         new = rooms - self.open
         check_room_for(new, self.estimate(), self.floor, self.where())
