@@ -21,7 +21,7 @@ RECV_SIZE = 65536
 WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # One receive buffer per process, reused by every read: a fresh 64 KiB object per recv()
 # would make each room worker copy-on-write that much of the parent's heap.
-_RECV_BUFFER = bytearray(RECV_SIZE)
+RECV_BUFFER = bytearray(RECV_SIZE)
 # TCP keepalive: a peer that vanished without FIN is noticed in about 2 minutes.
 KEEPALIVE_IDLE = 60
 KEEPALIVE_INTERVAL = 15
@@ -115,7 +115,7 @@ class Conn:
         """
         while True:
             try:
-                size = self.sock.recv_into(_RECV_BUFFER)
+                size = self.sock.recv_into(RECV_BUFFER)
             except WOULD_BLOCK:
                 return True
             except ssl.SSLEOFError:
@@ -125,7 +125,7 @@ class Conn:
             if not size:
                 self.eof = True
                 return False
-            self.inbox.extend(self.reader.feed(_RECV_BUFFER[:size]))
+            self.inbox.extend(self.reader.feed(RECV_BUFFER[:size]))
             # Bytes TLS has decrypted already are invisible to the selector: take them now.
             if not self.tls_pending():
                 return True

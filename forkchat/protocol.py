@@ -168,6 +168,16 @@ def check_message(line: bytes) -> str | None:
     return None
 
 
+def is_relayable(line: bytes) -> bool:
+    """True for a line that :func:`judge_line` relays on the sender's turn (within the
+    length limit): not ``exit``, ``next`` or blank, valid UTF-8, no control character.
+    The room's fast path; the same rules as judge_line."""
+    word = line.strip(b" \t")
+    if not word or word == b"exit" or word == b"next":
+        return False
+    return check_message(line) is None
+
+
 def judge_line(line: bytes | TooLong, my_turn: bool) -> str:
     """The protocol's rules for a chat line, in order: LEAVE for ``exit`` and NEXT for
     ``next`` (at any time), IGNORE for a blank line, RELAY for a valid message on the

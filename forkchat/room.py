@@ -14,6 +14,7 @@ cannot leave a lock held.
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import signal
 import socket
@@ -22,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as p
-from .conn import Conn
+from .conn import RECV_BUFFER, WOULD_BLOCK, Conn
 from .handback import HandBack, pack_inbox, send_handback
 from .log import Log
 
+READ = select.EPOLLIN
+MSG_TAIL = b"\n" + p.TURN_WRITE_LINE  # after "MSG " and the message
 Byes = dict[Conn, tuple[str, str]]  # client -> (BYE reason, text)
 Back = tuple[Conn, str, str]  # client handed back, why (for the log), its WAIT text
 
@@ -83,7 +86,10 @@ class Room:
         self.idle_timeout = rules.idle_timeout
         self.rules = rules
         self.log = log
-        self.sel = selectors.DefaultSelector()
+        # The loop waits on epoll itself: a room has three or four fds, and every layer
+        # between a readable socket and the relay is paid on every message.
+        self.epoll = select.epoll()
+        self.watched: dict[int, Any] = {}  # fd -> Conn, or "signal" / "parent"
         self.last_message = time.monotonic()
         self.ended = False
         self.handed = 0  # clients sent back to the parent
@@ -104,9 +110,9 @@ class Room:
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in ROOM_STOP_SIGNALS:
             signal.signal(sig, lambda *_: None)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
+        self.watch(self.wake_r, select.EPOLLIN, "signal")
         if self.rules.channel is not None:
-            self.sel.register(self.rules.channel, selectors.EVENT_READ, "parent")
+            self.watch(self.rules.channel.fileno(), select.EPOLLIN, "parent")
         # The parent blocked these around the fork; pending ones arrive now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
 
@@ -118,10 +124,20 @@ class Room:
         first.queue(p.paired_line(second.name or "?") + p.TURN_WRITE_LINE)
         second.queue(p.paired_line(first.name or "?") + p.TURN_READ_LINE)
         for conn in self.conns:
-            conn.events = selectors.EVENT_READ
-            self.sel.register(conn.fd, conn.events, conn)
+            conn.events = select.EPOLLIN
+            self.watch(conn.fd, conn.events, conn)
         for conn in self.conns:
             self.handle_inbox(conn)
+
+    def watch(self, fd: int, events: int, what: Any) -> None:
+        """Wait for ``events`` on ``fd``; ``what`` is handed to the loop when they come."""
+        self.epoll.register(fd, events)
+        self.watched[fd] = what
+
+    def unwatch(self, fd: int) -> None:
+        """Stop waiting on ``fd`` (before it is closed or handed back); safe to repeat."""
+        if self.watched.pop(fd, None) is not None:
+            self.epoll.unregister(fd)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -129,30 +145,39 @@ class Room:
         """Relay until the room ends, then close both sockets. Returns the exit status."""
         self.install_signals()
         self.greet()
+        first, second = self.conns
+        poll, watched = self.epoll.poll, self.watched
         while not self.ended:
-            self.flush_all()
-            if self.ended:
-                break
-            for key, _mask in self.sel.select(self.time_left()):
-                self.dispatch(key.data)
+            # Output left over, or a socket still watched for writing: flush. On the
+            # usual path the relay has sent everything already and this is skipped.
+            if first.out or second.out or first.events != READ or second.events != READ:
+                self.flush_all()
+                if self.ended:
+                    break
+            for fd, _mask in poll(self.time_left()):
+                what = watched.get(fd)
+                if what.__class__ is Conn:
+                    self.handle_readable(what)
+                elif what is not None:
+                    self.dispatch(what)
                 if self.ended:
                     break
             self.check_idle()
         return EXIT_OK
 
-    def time_left(self) -> float | None:
+    def time_left(self) -> float:
+        """Seconds epoll may wait: until the idle deadline, or for ever (-1)."""
         if not self.idle_timeout:
-            return None
+            return -1
         return max(0.0, self.last_message + self.idle_timeout - time.monotonic())
 
-    def dispatch(self, what: Any) -> None:
+    def dispatch(self, what: str) -> None:
+        """A signal arrived, or the parent is gone."""
         if what == "signal":
             self.handle_signal()
-        elif what == "parent":
+        else:
             byes = {c: (p.BYE_SHUTDOWN, "server lost") for c in self.conns}
             self.end("the server process is gone", byes)
-        else:
-            self.handle_readable(what)
 
     def handle_signal(self) -> None:
         """SIGUSR1: the server is shutting down. SIGTERM: this room alone is stopped."""
@@ -175,10 +200,32 @@ class Room:
             self.end(f"idle timeout ({text})", {c: (p.BYE_TIMEOUT, text) for c in self.conns})
 
     def handle_readable(self, conn: Conn) -> None:
-        if not conn.receive():
-            why = "closed without exit" if conn.eof else "vanished without exit"
-            self.lose(conn, why)
+        """Read what ``conn`` sent and handle it; the usual case, one whole message from
+        the writer with nothing else pending, goes straight to :meth:`relay`."""
+        if conn.inbox or conn.reader.pending or conn.reader.discarding or self.rules.tls:
+            if not conn.receive():
+                self.lose(conn, "closed without exit" if conn.eof else "vanished without exit")
+                return
+            self.handle_inbox(conn)
             return
+        try:
+            size = conn.sock.recv_into(RECV_BUFFER)
+        except WOULD_BLOCK:
+            return
+        except OSError:
+            self.lose(conn, "vanished without exit")
+            return
+        if not size:
+            conn.eof = True
+            self.lose(conn, "closed without exit")
+            return
+        data = RECV_BUFFER[:size]
+        if conn is self.writer and data.find(b"\n") == size - 1:
+            line = bytes(data[: size - 2 if size > 1 and data[size - 2] == 13 else size - 1])
+            if len(line) <= conn.reader.max_line and p.is_relayable(line):
+                self.relay(conn, line)
+                return
+        conn.inbox.extend(conn.reader.feed(data))
         self.handle_inbox(conn)
 
     def handle_inbox(self, conn: Conn) -> None:
@@ -202,17 +249,31 @@ class Room:
             self.send(conn, p.err_line(verdict, conn.reader.max_line))
 
     def relay(self, writer: Conn, line: bytes) -> None:
-        """The writer's message to the reader, then swap the turns."""
+        """The writer's message to the reader, then swap the turns. The reader's ``MSG``
+        goes first: it is what the room waits on."""
         reader = self.partner(writer)
         self.last_message = time.monotonic()
         self.writer = reader
-        self.send(writer, p.TURN_READ_LINE)
-        self.send(reader, p.msg_line(line) + p.TURN_WRITE_LINE)
+        self.send(reader, b"MSG " + line + MSG_TAIL)
+        if not self.ended:
+            self.send(writer, p.TURN_READ_LINE)
 
     def send(self, conn: Conn, data: bytes) -> None:
-        """Queue output; a client past the output bound is dropped as a slow consumer."""
-        if not conn.queue(data):
-            self.lose(conn, f"dropped: more than {conn.out_limit} bytes unread")
+        """Send now what the socket takes, queue the rest; a client past the output bound
+        is dropped as a slow consumer, one whose socket fails is lost."""
+        if conn.out or conn.wr_shut:
+            if not conn.queue(data):
+                self.lose(conn, f"dropped: more than {conn.out_limit} bytes unread")
+            return
+        try:
+            sent = conn.sock.send(data)
+        except WOULD_BLOCK:
+            sent = 0
+        except OSError:
+            self.lose(conn, "connection reset")
+            return
+        if sent < len(data):
+            conn.out += data[sent:]
 
     def flush_all(self) -> None:
         """Send pending output; watch for writability only while some is left over.
@@ -227,10 +288,10 @@ class Room:
             except OSError:
                 self.lose(conn, "connection reset")
                 return
-            events = selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE)
+            events = READ if done else READ | select.EPOLLOUT
             if events != conn.events:
                 conn.events = events
-                self.sel.modify(conn.fd, events, conn)
+                self.epoll.modify(conn.fd, events)
 
     # -- the end --------------------------------------------------------------------------
 
@@ -255,7 +316,7 @@ class Room:
         if self.ended:
             return
         self.clients.value = 1  # before anything that may block, such as the log
-        self.sel.unregister(gone.fd)
+        self.unwatch(gone.fd)
         if not gone.eof:
             gone.close()
         self.log.departure(gone.label, why)
@@ -300,7 +361,7 @@ class Room:
         """Send ``conn`` back to the parent's waiting queue with all its state (``why``
         for the log, ``text`` for its WAIT), then close this process's copy. A client
         that cannot go back is lost (logged)."""
-        self.sel.unregister(conn.fd)
+        self.unwatch(conn.fd)
         partner = self.partner(conn)
         record = HandBack(
             id=conn.id,
@@ -329,10 +390,7 @@ class Room:
         deadline = time.monotonic() + LINGER
         sel = selectors.DefaultSelector()
         for conn in conns:
-            try:
-                self.sel.unregister(conn.fd)
-            except (KeyError, ValueError):
-                pass
+            self.unwatch(conn.fd)
             if not conn.close_step(0):
                 sel.register(conn.fd, conn.closing_events(), conn)
         while sel.get_map() and (left := deadline - time.monotonic()) > 0:
