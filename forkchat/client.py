@@ -34,8 +34,8 @@ skipped), across partners; a "next" line is sent as soon as the lines before it
 have gone, turn or not; "exit" is sent at end of input. A closed standard input is
 an empty one.
 
-Exit status: 0 after leaving or a BYE exit, partner-exit, partner-lost, shutdown
-or timeout; 1 after BYE bad-name, full or error, a lost connection, a failed TLS
+Exit status: 0 after leaving or a BYE exit, partner-exit, partner-lost, shutdown,
+timeout or closed; 1 after BYE bad-name, full or error, a lost connection, a failed TLS
 handshake, a closed standard output, or when the server cannot be reached; 2 for a
 bad command line. Text that came off the network is printed with terminal control
 sequences removed.
@@ -81,6 +81,7 @@ OK_REASONS = frozenset(
         protocol.BYE_PARTNER_LOST,
         protocol.BYE_SHUTDOWN,
         protocol.BYE_TIMEOUT,
+        protocol.BYE_CLOSED,
     }
 )
 LEAVE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
