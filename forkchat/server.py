@@ -638,6 +638,10 @@ class Server:
         elif self.queue_full(conn):
             why = f"full: {len(self.waiting)} waiting, requeued"
             self.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
+        elif conn.eof and not conn.inbox:  # it will send nothing more: no room for it
+            conn.queue(p.wait_line(record.text))
+            conn.state = WAITING
+            self.end_input(conn)
         else:
             conn.queue(p.wait_line(record.text))  # before PAIRED if a room opens at once
             self.enqueue(conn)
