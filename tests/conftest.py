@@ -1,8 +1,13 @@
-"""Shared fixtures: a fresh server per test, and a check that no process is left behind."""
+"""Shared fixtures: a fresh server per test, a check that no process is left behind, and
+self-signed TLS certificates made with the openssl CLI."""
 
 from __future__ import annotations
 
 import ctypes
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
@@ -44,3 +49,42 @@ def server():
     srv = ServerProc("--no-color")
     yield srv
     srv.stop()
+
+
+def write_cert(directory: Path, name: str = "server") -> tuple[str, str]:
+    """Write a self-signed certificate for localhost and 127.0.0.1; return (cert, key)."""
+    cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return str(cert), str(key)
+
+
+@pytest.fixture(scope="session")
+def make_cert(tmp_path_factory) -> Callable[[str], tuple[str, str]]:
+    """Factory of self-signed pairs (cert, key) by name, made once per session; skips
+    the test when the openssl CLI is missing (``make sysdeps`` installs it)."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl CLI (make sysdeps installs it)")
+    directory = tmp_path_factory.mktemp("certs")
+    made: dict[str, tuple[str, str]] = {}
+
+    def make(name: str = "server") -> tuple[str, str]:
+        if name not in made:
+            made[name] = write_cert(directory, name)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tls_pair(make_cert) -> tuple[str, str]:
+    """A self-signed (cert, key) pair for localhost and 127.0.0.1."""
+    return make_cert("server")

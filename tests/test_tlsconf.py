@@ -6,8 +6,6 @@ import socket
 import ssl
 import struct
 import subprocess
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -20,42 +18,6 @@ from forkchat.tlsconf import (
 )
 
 pytestmark = pytest.mark.skipif(not shutil.which("openssl"), reason="needs the openssl CLI")
-
-
-def write_cert(directory: Path, name: str = "server") -> tuple[str, str]:
-    """Write a self-signed certificate for localhost and 127.0.0.1; return (cert, key)."""
-    cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
-            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
-            *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return str(cert), str(key)
-
-
-@pytest.fixture(scope="session")
-def make_cert(tmp_path_factory) -> Callable[[str], tuple[str, str]]:
-    """Factory of self-signed pairs (cert, key) by name, made once per session."""
-    directory = tmp_path_factory.mktemp("certs")
-    made: dict[str, tuple[str, str]] = {}
-
-    def make(name: str = "server") -> tuple[str, str]:
-        if name not in made:
-            made[name] = write_cert(directory, name)
-        return made[name]
-
-    return make
-
-
-@pytest.fixture(scope="session")
-def tls_pair(make_cert) -> tuple[str, str]:
-    """A self-signed (cert, key) pair for localhost and 127.0.0.1."""
-    return make_cert("server")
 
 
 @pytest.fixture
