@@ -711,7 +711,7 @@ def test_the_count_stays_exact_while_six_clients_cycle_through_next(start, peers
     assert len(reports) >= 20, f"only {len(reports)} reports for {cyclers.usr2_sent} signals"
     assert set(reports) == {6}, sorted(set(reports))
     assert final[0] == 6
-    assert srv.out.count("client requeued") >= 2 * 300
+    assert srv.out.count("client requeued") >= 2 * (300 - 3)  # 3 rooms may be in flight
 
 
 def wait_quiet(srv: ServerProc) -> None:
