@@ -691,12 +691,6 @@ class Cyclers:
         self.sel.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.format_report polls exitcode again after handle_usr2's reap pass: a "
-    "worker that exits in between is dropped with the clients it handed back but the "
-    "parent has not read yet (reports of 4 or 2 instead of 6)",
-)
 def test_the_count_stays_exact_while_six_clients_cycle_through_next(start, peers):
     """Six clients, three rooms, all splitting and pairing again as fast as they can,
     with SIGUSR2 landing all the while: no client ever leaves, so every report says 6."""
