@@ -205,6 +205,8 @@ def test_a_name_and_a_line_in_one_record_are_both_handled_by_the_parent(start, t
     srv = start()
     alice = Client(srv.address, context=trust, first=b"alice\nhello\n")
     alice.expect("WAIT ", "ERR not-your-turn")
+    alice.send("next")  # while waiting, over TLS too: told it waits, nothing changes
+    alice.expect("WAIT ")
     bob = Client(srv.address, "bob", context=trust)
     bob.expect("PAIRED alice", "TURN READ")
     alice.expect("PAIRED bob", "TURN WRITE")
@@ -264,6 +266,12 @@ def test_next_over_tls_ends_with_bye_and_a_reconnect_text(start, trust, requeue)
     carol, dave = pair_up(srv.address, trust, "carol", "dave")
     leave(carol, dave)  # under --requeue too, an exit over TLS ends the partner with BYE
     srv.out.wait_for(r"room 2 closed")
+    eve, frank = pair_up(srv.address, trust, "eve", "frank")
+    frank.close()  # vanishes without exit
+    eve.expect("BYE partner-lost")
+    eve.expect_tls_close()
+    eve.close()
+    srv.out.wait_for(r"room 3 closed")
     assert srv.out.count("client requeued") == 0
     assert report(srv)[0] == 0
 
@@ -305,6 +313,29 @@ def test_sigusr1_tells_tls_clients_bye_shutdown_and_exits_0(start, trust):
     silent.close()
     assert srv.wait_exit() == 0
     srv.out.wait_for("^SERVER WILL DISCONNECT$")
+
+
+def test_a_tls_client_that_does_not_read_is_dropped(start, trust):
+    """TLS writes that would block (SSLWantWrite) pile up to the bound, not forever:
+    bob writes on his turns but never reads, and is dropped; alice hears partner-lost."""
+    srv = start()
+    alice, bob = pair_up(srv.address, trust)
+    bob.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    for _ in range(2000):  # 4 KB a turn: the bound (64 KiB and more) is met long before
+        alice.send("x" * 4000)
+        line = alice.line()
+        if line == "TURN READ":
+            try:
+                bob.sock.sendall(b"y\n")  # his turn, blind
+            except OSError:
+                pass  # dropped already
+            line = alice.line()
+        if line != "MSG y":
+            break
+        alice.expect("TURN WRITE")
+    assert line.startswith("BYE partner-lost"), line
+    alice.expect_tls_close()
+    srv.out.wait_for(r"client disconnected bob \S+ \(dropped: more than \d+ bytes unread\)")
 
 
 # ---- bad clients: one line each, and nobody waits ----------------------------------------
