@@ -156,6 +156,15 @@ def test_a_header_split_byte_by_byte_still_works(proxied, make):
     split.expect("BYE exit")
 
 
+def test_a_v1_unknown_header_leaves_the_socket_address(proxied):
+    """PROXY UNKNOWN: the proxy could not tell; the connection's own address stands."""
+    alice = Client(proxied.address, "alice", header=b"PROXY UNKNOWN\r\n")
+    alice.expect("WAIT ")
+    proxied.out.wait_for(f"client named alice {re.escape(alice.here)}$")
+    alice.send("exit")
+    alice.expect("BYE exit")
+
+
 # ---- health checks and bad headers ---------------------------------------------------
 
 
@@ -304,3 +313,18 @@ def test_a_header_and_the_client_hello_in_one_segment(start, tls_pair, make):
         assert client.line().startswith("BYE exit")
     finally:
         client.close()
+
+
+def test_a_failed_handshake_after_a_header_is_one_line_with_the_header_address(start, tls_pair):
+    srv = start("--tls-cert", tls_pair[0], "--tls-key", tls_pair[1])
+    plain = Client(srv.address, header=v1("203.0.113.66", 6600) + b"alice\n", hello=False)
+    plain.expect_closed(allow_reset=True)
+    line = srv.out.wait_for(r"client disconnected 203\.0\.113\.66:6600 \((.*)\)$")
+    assert line.group(1) == "TLS handshake failed: not TLS: a plain-text client"
+    trust = ssl.create_default_context(cafile=tls_pair[0])
+    alice, bob = pair_up(srv.address, trust, header=v1("198.51.100.1", 1000))
+    chat(alice, bob)
+    lines = about(srv, "203.0.113.66:6600")
+    assert len(lines) == 1 and lines[0].endswith(line.group(0)), lines
+    assert about(srv, plain.here) == []
+    leave(alice, bob)
