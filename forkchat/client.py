@@ -189,12 +189,13 @@ def is_next(line: bytes) -> bool:
     return line.strip(b" \t") == b"next"
 
 
-def verify_error_text(host: str, port: int, reason: str) -> str:
-    """The one line printed when the server's certificate cannot be verified."""
-    return (
-        f"cannot verify the server's certificate at {format_address(host, port)}: {reason}; "
-        "use --cafile FILE for a private CA or self-signed certificate"
-    )
+def verify_error_text(host: str, port: int, reason: str, cafile: str | None = None) -> str:
+    """The one line printed when the server's certificate cannot be verified: the way
+    out is --cafile, or, when it was given, the file it named."""
+    where = f"cannot verify the server's certificate at {format_address(host, port)}: {reason}"
+    if cafile:
+        return f"{where}; it is not signed by a CA in {cafile}"
+    return f"{where}; use --cafile FILE for a private CA or self-signed certificate"
 
 
 def handshake_error_text(host: str, port: int, reason: str) -> str:
@@ -473,6 +474,7 @@ def start_tls(
     server: tuple[str, int],
     wakeup: SignalWakeup,
     timeout: float = CONNECT_TIMEOUT,
+    cafile: str | None = None,
 ) -> ssl.SSLSocket:
     """TLS over a connected non-blocking socket, the handshake done without blocking (a
     leave signal interrupts it). The certificate is checked for ``server``'s host.
@@ -487,7 +489,8 @@ def start_tls(
         shake_hands(tls, wakeup, time.monotonic() + timeout)
     except ssl.SSLCertVerificationError as exc:
         tls.close()
-        raise TlsFailed(verify_error_text(host, port, exc.verify_message or str(exc))) from None
+        reason = exc.verify_message or str(exc)
+        raise TlsFailed(verify_error_text(host, port, reason, cafile)) from None
     except OSError as exc:
         tls.close()
         reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
@@ -1017,7 +1020,7 @@ def open_connection(
     sock = connect_server(options.host, options.port, wakeup)
     if context is None:
         return sock
-    return start_tls(sock, context, (options.host, options.port), wakeup)
+    return start_tls(sock, context, (options.host, options.port), wakeup, cafile=options.cafile)
 
 
 def check_std_streams() -> str | None:

@@ -84,6 +84,7 @@ class ChannelReader:
     hand-backs out, never blocking."""
 
     def __init__(self, channel: socket.socket) -> None:
+        channel.setblocking(False)
         self.channel = channel
         self.buf = bytearray()
         self.fds: deque[int] = deque()  # received, not yet matched to a complete record

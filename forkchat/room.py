@@ -300,12 +300,28 @@ class Room:
         under ``--requeue``, ahead of a leaver who said ``next``; otherwise it gets
         ``BYE partner-exit``."""
         partner = self.partner(leaver)
-        if self.requeues():
+        if self.said_next_too(partner):
+            backs = [(partner, "said next", "looking for a new partner"), *backs]
+        elif self.requeues():
             text = f"{leaver.name} left, waiting for a new partner"
             backs = [(partner, f"partner {leaver.name} left", text), *backs]
         else:
             byes = {**byes, partner: (p.BYE_PARTNER_EXIT, f"{leaver.name} left the chat")}
         self.end(why, byes, backs=backs)
+
+    def said_next_too(self, conn: Conn) -> bool:
+        """Has ``conn`` said ``next`` too, in what it has sent and we have not handled
+        yet (both at once)? Then it goes back to the queue as well, with or without
+        ``--requeue``; the line is taken. Looks only at what is there now."""
+        if self.rules.tls or self.rules.channel is None or conn.eof:
+            return False
+        if not conn.inbox:
+            conn.receive()
+        first = conn.inbox[0] if conn.inbox else None
+        if isinstance(first, bytes) and p.is_next(first):
+            conn.inbox.popleft()
+            return True
+        return False
 
     def lose(self, gone: Conn, why: str) -> None:
         """``gone`` left without ``exit`` (closed, reset, or dropped): tell the partner.
@@ -323,7 +339,8 @@ class Room:
         partner = self.partner(gone)
         also = [gone] if gone.eof else []
         if self.requeues():
-            text = f"{gone.name} vanished, waiting for a new partner"
+            how = "was dropped for not reading" if why.startswith("dropped") else "vanished"
+            text = f"{gone.name} {how}, waiting for a new partner"
             back = (partner, f"partner {gone.name} lost", text)
             self.end(f"{gone.name} lost", {}, also, backs=[back])
         else:

@@ -223,12 +223,10 @@ class Server:
         """Act on every deadline that has passed; each dict is in deadline order."""
         now = time.monotonic()
         while self.handshaking and (conn := next(iter(self.handshaking.values()))).deadline <= now:
-            if self.preambles.pop(conn.fd, None) is not None:  # no protocol spoken yet
-                self.drop(
-                    conn,
-                    f"timeout: no PROXY header or TLS handshake within "
-                    f"{self.opts.name_timeout:g} s",
-                )
+            preamble = self.preambles.pop(conn.fd, None)
+            if preamble is not None:  # no protocol spoken yet: nothing to say BYE in
+                what = "PROXY header" if preamble.reader is not None else "TLS handshake"
+                self.drop(conn, f"timeout: no {what} within {self.opts.name_timeout:g} s")
                 continue
             text = f"no name within {self.opts.name_timeout:g} s"
             self.say_bye(conn, p.BYE_TIMEOUT, text, why=f"timeout: {text}")
@@ -270,8 +268,8 @@ class Server:
         if self.tls is None and not self.opts.proxy_protocol:
             self.greet(conn)
             return
-        if not self.opts.proxy_protocol:  # the address is known now; with PROXY, later
-            self.log.event("connect", f"client connected {conn.peer}")
+        # "client connected" once the preamble is through: one that fails it costs one
+        # line, and with PROXY the client's own address is known only then.
         self.preambles[conn.fd] = Preamble(conn, self.opts.proxy_protocol, self.tls)
         self.step_preamble(conn)
 
@@ -310,8 +308,7 @@ class Server:
             self.watch(conn, events)
             return
         del self.preambles[conn.fd]
-        if self.opts.proxy_protocol:
-            self.log.event("connect", f"client connected {conn.peer}")
+        self.log.event("connect", f"client connected {conn.peer}")
         conn.queue(p.hello_line())
         # A name may have come in the same TLS record as the handshake's end.
         if self.read_client(conn):
@@ -484,13 +481,21 @@ class Server:
     def tell_waiting(self, conn: Conn, text: str) -> None:
         """WAIT for a client left in the queue; when it completes a pair that has no
         free room, it and its partner-to-be hear that instead."""
-        if len(self.rooms) >= self.opts.max_rooms:
-            partner = self.waiting.partner_in_line(conn)
-            if partner is not None:
-                text = f"all {self.opts.max_rooms} rooms are busy, you are in line"
-                self.send(partner, p.wait_line(text))
-        self.log.event("name", f"{conn.label} waiting ({text})")
-        self.send(conn, p.wait_line(text))
+        busy = self.rooms_busy_text(conn)
+        self.log.event("name", f"{conn.label} waiting ({busy or text})")
+        self.send(conn, p.wait_line(busy or text))
+
+    def rooms_busy_text(self, conn: Conn) -> str:
+        """When ``conn`` completes a pair but every room is busy: tell its partner-to-be,
+        and return the text for ``conn`` too. Else an empty string."""
+        if len(self.rooms) < self.opts.max_rooms:
+            return ""
+        partner = self.waiting.partner_in_line(conn)
+        if partner is None:
+            return ""
+        text = f"all {self.opts.max_rooms} rooms are busy, you are in line"
+        self.send(partner, p.wait_line(text))
+        return text
 
     def take_waiting_line(self, conn: Conn, line: bytes | p.TooLong) -> None:
         """A line from a waiting client: ``exit`` leaves; ``next`` changes nothing (it
@@ -646,7 +651,10 @@ class Server:
             conn.queue(p.wait_line(record.text))  # before PAIRED if a room opens at once
             self.enqueue(conn)
             if conn.state == WAITING:
-                self.log.event("name", f"{conn.label} waiting ({record.text})")
+                busy = self.rooms_busy_text(conn)
+                self.log.event("name", f"{conn.label} waiting ({busy or record.text})")
+                if busy:
+                    conn.queue(p.wait_line(busy))
                 self.write_client(conn)
                 self.handle_inbox(conn)
             if conn.state == WAITING and conn.eof:

@@ -159,8 +159,9 @@ def describe_exit(code: int) -> str:
 def format_report(rooms: Any, waiting: int, handshaking: int) -> str:
     """The SIGUSR2 report: ``NUMBER OF CLIENTS : ** N **`` and the counts line.
 
-    ``rooms`` are the RoomProcs not yet reaped. A worker that has exited (exitcode set,
-    reaped or not) counts neither as a room nor for its clients: it holds none.
+    ``rooms`` are the RoomProcs not yet reaped. A worker already reaped (its exitcode
+    set) counts neither as a room nor for its clients: it holds none, and the parent has
+    taken what it handed back before reaping it (see ``Server.handle_usr2``).
     """
     live = [room for room in rooms if room.proc.exitcode is None]
     clients = handshaking + waiting + sum(room.held for room in live)

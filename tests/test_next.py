@@ -183,50 +183,36 @@ def test_next_while_waiting_gets_wait_again_and_keeps_the_place_in_the_queue(sta
     bob.expect("PAIRED carol", "TURN WRITE")
 
 
-@pytest.mark.parametrize("who", ["writer", "reader"])
-def test_both_say_next_at_once_without_requeue(start, peers, who):
-    """Both lines leave before either is read. The first ``next`` the room handles ends
-    it: that sender is handed back, the other gets ``BYE partner-exit`` (SPEC: the partner
-    of a ``next`` gets BYE unless --requeue); its own ``next`` came too late and is
-    dropped with the room. Exactly one of the two stays."""
-    srv = start()
-    alice, bob = meet(srv, peers, "alice", "bob")
-    first, second = (alice, bob) if who == "writer" else (bob, alice)
-    first.send("next")
-    second.send("next")
-    got = {first: first.line(), second: second.line()}
-    stayed = [p for p, line in got.items() if line.startswith("WAIT ")]
-    left = [p for p, line in got.items() if line.startswith("BYE partner-exit ")]
-    assert len(stayed) == 1 and len(left) == 1, got
-    left[0].expect_closed()
-    carol = join(srv, peers, "carol")
-    carol.expect("PAIRED ", "TURN READ")
-    stayed[0].expect("PAIRED carol", "TURN WRITE")
-    assert counts(srv) == (2, 0, 0)
+def both_say_next(srv: ServerProc, alice: Peer, bob: Peer) -> None:
+    """Both send ``next`` while their room worker is stopped: both lines are waiting in
+    the kernel when the room handles the first one."""
+    worker = next(p for p in srv.children() if "alice+bob" in " ".join(p.cmdline()))
+    worker.suspend()
+    try:
+        alice.send("next")
+        bob.send("next")
+    finally:
+        worker.resume()
 
 
-def test_both_say_next_at_once_under_requeue_both_wait_and_each_meets_someone_new(start, peers):
-    """Under --requeue the one left behind is handed back too, then its own ``next``
-    (handled while it waits) gets ``WAIT`` again: nothing is lost, both wait, and they
-    are not paired together."""
-    srv = start("--requeue")
+@pytest.mark.parametrize("requeue", [(), ("--requeue",)], ids=["plain", "requeue"])
+def test_both_say_next_at_once_both_wait_and_each_meets_someone_new(start, peers, requeue):
+    """Two ``next`` at once: the room sees the partner's ``next`` when it handles the
+    first, and hands both back as having said it (no BYE, with or without --requeue).
+    They are not paired together again; each meets a new arrival."""
+    srv = start(*requeue)
     alice, bob = meet(srv, peers, "alice", "bob")
-    alice.send("next")
-    bob.send("next")
-    first = {alice: alice.line(), bob: bob.line()}
-    assert all(line.startswith("WAIT ") for line in first.values()), first
-    behind = [p for p, line in first.items() if "left" in line]
-    assert len(behind) == 1, first  # the partner of the next handled first
-    behind = behind[0]
-    sender = bob if behind is alice else alice
-    behind.expect("WAIT still waiting")  # its own next, handled in the queue
+    both_say_next(srv, alice, bob)
+    alice.expect("WAIT looking for a new partner")
+    bob.expect("WAIT looking for a new partner")
+    wait_until(lambda: srv.out.count(r"\(said next\)") == 2, what="both requeued")
     assert counts(srv) == (2, 2, 0)
     carol = join(srv, peers, "carol")
     carol.expect("PAIRED ", "TURN READ")
-    behind.expect("PAIRED carol", "TURN WRITE")  # queued ahead of the sender
     dave = join(srv, peers, "dave")
     dave.expect("PAIRED ", "TURN READ")
-    sender.expect("PAIRED dave", "TURN WRITE")
+    paired = {alice.line(), bob.line()}
+    assert paired == {"PAIRED carol", "PAIRED dave"}, paired
 
 
 # ---------------------------------------------------------------- lines after next
