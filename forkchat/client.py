@@ -193,6 +193,8 @@ def verify_error_text(host: str, port: int, reason: str, cafile: str | None = No
     """The one line printed when the server's certificate cannot be verified: the way
     out is --cafile, or, when it was given, the file it named."""
     where = f"cannot verify the server's certificate at {format_address(host, port)}: {reason}"
+    if "mismatch" in reason:
+        return f"{where}; the certificate is for another name: give --host one it names"
     if cafile:
         return f"{where}; it is not signed by a CA in {cafile}"
     return f"{where}; use --cafile FILE for a private CA or self-signed certificate"

@@ -166,15 +166,23 @@ def test_largest_message_over_tls(certs, tls_server):
 
 
 @pytest.mark.parametrize(
-    ("server_cert", "args", "reason"),
+    ("server_cert", "args", "reason", "hint"),
     [
-        ("good", ["--cafile", "other"], "self-signed certificate"),  # the wrong CA
-        ("good", ["--tls"], "self-signed certificate"),  # the system's CAs
-        ("dns-only", ["--cafile", "dns-only"], "IP address mismatch"),
+        # the wrong CA: the hint names the file that was tried
+        ("good", ["--cafile", "other"], "self-signed certificate", "it is not signed by a CA in "),
+        # the system's CAs: the hint is --cafile
+        ("good", ["--tls"], "self-signed certificate", "use --cafile FILE for a private CA"),
+        # the right CA, the wrong name: the hint is --host
+        (
+            "dns-only",
+            ["--cafile", "dns-only"],
+            "IP address mismatch",
+            "the certificate is for another",
+        ),
     ],
 )
 def test_unverified_certificate_is_one_line_and_exit_1(
-    certs, tls_server, server_cert, args, reason
+    certs, tls_server, server_cert, args, reason, hint
 ):
     server = tls_server(*certs[server_cert])
     args = [str(certs[a][0]) if a in certs else a for a in args]
@@ -184,7 +192,7 @@ def test_unverified_certificate_is_one_line_and_exit_1(
     assert done.stderr.count("\n") == 1, done.stderr
     assert re.fullmatch(
         rf"forkchat client: cannot verify the server's certificate at 127\.0\.0\.1:{server.port}: "
-        rf".*{reason}.*; use --cafile FILE for a private CA or self-signed certificate\n",
+        rf".*{reason}.*; {re.escape(hint)}.*\n",
         done.stderr,
     ), done.stderr
     server.out.wait_for("^HANDSHAKE-FAILED")

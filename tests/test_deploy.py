@@ -176,20 +176,24 @@ def read_header(listener: socket.socket):
     return header, conn
 
 
-def accept_clients(listener: socket.socket, wanted: int) -> dict:
-    """Accept until ``wanted`` relayed clients came; health checks are skipped.
+def accept_clients(listener: socket.socket, wanted: int, held: list) -> dict:
+    """Accept until ``wanted`` relayed clients came; health checks are skipped (closed).
 
-    Returns {name line: PROXY header} for each client, its socket closed.
+    Returns {name line: PROXY header} for each client. Client sockets go into ``held``,
+    open: closing one would free its slot in HAProxy's maxconn while others still
+    arrive, and the next client could then go to this server too.
     """
     clients = {}
     while len(clients) < wanted:
         header, conn = read_header(listener)
-        with conn:
-            line = header.rest
-            while header.command == "proxy" and not line.endswith(b"\n"):
-                line += conn.recv(100)  # the client's name line follows its header
-        if header.command == "proxy":
-            clients[line] = header
+        if header.command != "proxy":
+            conn.close()
+            continue
+        held.append(conn)
+        line = header.rest
+        while not line.endswith(b"\n"):
+            line += conn.recv(100)  # the client's name line follows its header
+        clients[line] = header
     return clients
 
 
@@ -207,6 +211,7 @@ def test_haproxy_sends_proxy_v2_fills_the_first_server_and_checks_with_local(tmp
         stderr=subprocess.DEVNULL,
     )
     users = {}
+    held: list[socket.socket] = []
     try:
         check, conn = read_header(first)  # checks start at once: HAProxy is up
         conn.close()
@@ -215,7 +220,8 @@ def test_haproxy_sends_proxy_v2_fills_the_first_server_and_checks_with_local(tmp
             user = socket.create_connection(("127.0.0.1", front), timeout=10)
             user.sendall(b"user%d\n" % number)
             users[b"user%d\n" % number] = user
-        on_first, on_second = accept_clients(first, 2), accept_clients(second, 1)
+        on_first = accept_clients(first, 2, held)
+        on_second = accept_clients(second, 1, held)
         assert sorted(on_first) == [b"user0\n", b"user1\n"]  # maxconn 2: the third goes on
         assert sorted(on_second) == [b"user2\n"]
         for name, header in {**on_first, **on_second}.items():
@@ -225,5 +231,5 @@ def test_haproxy_sends_proxy_v2_fills_the_first_server_and_checks_with_local(tmp
     finally:
         proxy.terminate()
         proxy.wait(timeout=10)
-        for sock in [first, second, *users.values()]:
+        for sock in [first, second, *users.values(), *held]:
             sock.close()
