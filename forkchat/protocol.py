@@ -168,6 +168,11 @@ def check_message(line: bytes) -> str | None:
     return None
 
 
+# One whole line of printable ASCII (and TAB) that is not blank, LF included: a message
+# judge_line relays as it is (the room's fast path; exit and next are checked apart).
+PLAIN_LINE = re.compile(rb"[\t ]*[\x21-\x7e][\t\x20-\x7e]*\n")
+
+
 def is_relayable(line: bytes) -> bool:
     """True for a line that :func:`judge_line` relays on the sender's turn (within the
     length limit): not ``exit``, ``next`` or blank, valid UTF-8, no control character.
