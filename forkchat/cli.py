@@ -41,7 +41,7 @@ from . import __version__
 from .args import UsageError, parse_port, parse_usage, to_number
 from .log import Log, detach_stdout, want_color
 from .pidfile import remove_pidfile
-from .proctitle import SERVER_NAME, set_comm
+from .proctitle import SERVER_NAME, prepare_titles, set_comm
 from .server import Options, Server, StartupError
 
 EXIT_FAILURE = 1
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forkchat server: {exc} (see --help)", file=sys.stderr)
         return EXIT_USAGE
     set_comm(SERVER_NAME)  # the command line stays as typed: it says how it was started
+    prepare_titles()
     detach_stdout()
     log = Log("server", want_color(sys.stdout, opts.no_color))
     server = Server(opts, log)

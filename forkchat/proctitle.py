@@ -29,6 +29,16 @@ def set_title(title: str, comm: str) -> None:
     set_comm(comm)
 
 
+def prepare_titles() -> None:
+    """In the parent, before any fork: let setproctitle make room for titles once (it
+    moves the environment out of the argv area on first use). Done in each worker
+    instead, that first use would copy the environment into every one of them."""
+    if setproctitle is not None:
+        from setproctitle import getproctitle
+
+        getproctitle()
+
+
 def set_comm(comm: str) -> None:
     """Set ``comm`` alone (at most 15 bytes). Best effort: never raises."""
     try:
