@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"forkchat server: {exc} (see --help)", file=sys.stderr)
         return EXIT_USAGE
+    prepare_titles()  # first: setproctitle's set-up rewrites comm
     set_comm(SERVER_NAME)  # the command line stays as typed: it says how it was started
-    prepare_titles()
     detach_stdout()
     log = Log("server", want_color(sys.stdout, opts.no_color))
     server = Server(opts, log)
