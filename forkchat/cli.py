@@ -35,6 +35,7 @@ Signals: SIGUSR2 prints the number of clients; SIGUSR1, SIGTERM and SIGINT shut 
 
 from __future__ import annotations
 
+import resource
 import sys
 
 from . import __version__
@@ -70,6 +71,20 @@ def parse_options(argv: list[str] | None = None) -> Options:
     )
 
 
+def raise_fd_limit() -> tuple[int, int] | None:
+    """Raise our soft RLIMIT_NOFILE to the hard limit: the parent holds two fds per
+    open room (its channel and sentinel) besides every client not yet in a room.
+    Returns (old, new) when it was raised, else None. Rooms inherit the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):
+        return None
+    return soft, hard
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``bin/server``. Returns the exit status."""
     try:
@@ -82,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     detach_stdout()
     log = Log("server", want_color(sys.stdout, opts.no_color))
     server = Server(opts, log)
+    raised = raise_fd_limit()
     try:
         server.start()
     except StartupError as exc:
         print(f"forkchat server: {exc}", file=sys.stderr)
         server.close()
         return EXIT_FAILURE
+    if raised:
+        log.event("info", f"open-file limit raised from {raised[0]} to {raised[1]}")
     try:
         return server.serve_forever()
     finally:

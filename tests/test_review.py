@@ -6,6 +6,7 @@ the help and range texts, and the SIGUSR2 report with a dead worker."""
 from __future__ import annotations
 
 import fcntl
+import resource
 import os
 import signal
 import socket
@@ -341,3 +342,21 @@ def test_report_leaves_out_a_dead_worker_not_yet_reaped():
     assert format_report(rooms, waiting=3, handshaking=1) == (
         "NUMBER OF CLIENTS : ** 7 **\nrooms 2, waiting 3, handshaking 1"
     )
+
+
+# -- issue 9: the server raises its own open-file limit -----------------------------------------
+
+
+def test_server_raises_its_soft_fd_limit_to_the_hard_one_and_says_so():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 64:
+        pytest.skip(f"hard open-file limit {hard}: nothing to raise to")
+    low = min(soft, hard // 2)
+    srv = ServerProc(
+        "--no-color", preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    )
+    try:
+        srv.out.wait_for(rf"open-file limit raised from {low} to {hard}$")
+        assert psutil.Process(srv.pid).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        srv.stop()
