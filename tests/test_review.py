@@ -6,8 +6,8 @@ the help and range texts, and the SIGUSR2 report with a dead worker."""
 from __future__ import annotations
 
 import fcntl
-import resource
 import os
+import resource
 import signal
 import socket
 import subprocess
