@@ -9,8 +9,8 @@ handful of ``os.closerange`` calls (``close_range`` on Linux), reading this one 
 and nothing else. The inherited objects stay as they are, unused: the worker never
 frees them, and they are frozen out of its garbage collector.
 
-Fds the parent did not mark stay open in the worker: stdio, the two pipes
-multiprocessing made for this very worker, and multiprocessing's shared-memory arena.
+Fds the parent did not mark stay open in the worker: stdio, the worker's own end of its
+channel (the parent never marks it), and multiprocessing's shared-memory arena.
 """
 
 from __future__ import annotations

@@ -31,10 +31,6 @@ HEADER = struct.Struct(">I")
 MAX_FDS_PER_READ = 64
 READ_SIZE = 1 << 16
 
-# Why a client came back (for the log line and the WAIT text).
-BACK_NEXT = "next"  # it said next
-BACK_PARTNER = "partner left"  # --requeue: its partner left (exit, next, vanished, dropped)
-
 
 @dataclass
 class HandBack:
@@ -45,7 +41,7 @@ class HandBack:
     name: str
     peer: str
     avoid: int  # the id of the partner it just left
-    why: str  # BACK_NEXT or BACK_PARTNER
+    why: str  # for the log: "said next", "partner bob left", ...
     text: str  # the WAIT text it is to get
     inbox: list[bytes | None] = field(default_factory=list)
     pending: bytes = b""

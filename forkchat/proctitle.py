@@ -10,8 +10,6 @@ the pidfile check rely on these names.
 
 from __future__ import annotations
 
-import os
-
 try:  # a C extension: if a platform lacks it, comm alone still names the process
     from setproctitle import setproctitle
 except ImportError:  # pragma: no cover
@@ -63,14 +61,3 @@ def is_server_pid(pid: int) -> bool:
             return f.read().startswith(SERVER_NAME.encode())
     except OSError:
         return False
-
-
-def is_alive(pid: int) -> bool:
-    """True if a process ``pid`` exists (ours to signal or not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,7 +1,8 @@
 """The room worker: one forked process per pair, relaying lines and keeping the turns.
 
-The worker holds its two client sockets and nothing else of the parent's (the parent's
-``Server.close_inherited`` closes the rest before :func:`run_room` is called). The first
+The worker holds its two client sockets and its end of its channel to the parent, and
+nothing else of the parent's (``Server.become_room`` closes the rest, by number, before
+:func:`run_room` is called). The first
 client to arrive writes first. After a message the writer gets ``TURN READ``; the reader
 gets ``MSG`` then ``TURN WRITE``. ``exit`` ends the room for both at any time.
 
@@ -158,6 +159,8 @@ class Room:
                 self.relay_steady()
                 if self.ended:
                     break
+                if first.out or second.out:
+                    continue  # a send fell short: flush (and watch for writing) first
             for fd, _mask in poll(self.time_left()):
                 what = watched.get(fd)
                 if what.__class__ is Conn:

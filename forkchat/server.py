@@ -478,24 +478,21 @@ class Server:
         self.waiting.add(conn)
         self.open_rooms()
 
-    def tell_waiting(self, conn: Conn, text: str) -> None:
-        """WAIT for a client left in the queue; when it completes a pair that has no
-        free room, it and its partner-to-be hear that instead."""
-        busy = self.rooms_busy_text(conn)
+    def tell_waiting(self, conn: Conn, text: str, told: bool = False) -> None:
+        """WAIT ``text`` for a client left in the queue (unless ``told``: its WAIT is
+        queued already); when it completes a pair that has no free room, it and its
+        partner-to-be hear that too."""
+        busy = ""
+        if len(self.rooms) >= self.opts.max_rooms:
+            partner = self.waiting.partner_in_line(conn)
+            if partner is not None:
+                busy = f"all {self.opts.max_rooms} rooms are busy, you are in line"
+                self.send(partner, p.wait_line(busy))
         self.log.event("name", f"{conn.label} waiting ({busy or text})")
-        self.send(conn, p.wait_line(busy or text))
-
-    def rooms_busy_text(self, conn: Conn) -> str:
-        """When ``conn`` completes a pair but every room is busy: tell its partner-to-be,
-        and return the text for ``conn`` too. Else an empty string."""
-        if len(self.rooms) < self.opts.max_rooms:
-            return ""
-        partner = self.waiting.partner_in_line(conn)
-        if partner is None:
-            return ""
-        text = f"all {self.opts.max_rooms} rooms are busy, you are in line"
-        self.send(partner, p.wait_line(text))
-        return text
+        if busy or not told:
+            self.send(conn, p.wait_line(busy or text))
+        else:
+            self.write_client(conn)
 
     def take_waiting_line(self, conn: Conn, line: bytes | p.TooLong) -> None:
         """A line from a waiting client: ``exit`` leaves; ``next`` changes nothing (it
@@ -651,11 +648,7 @@ class Server:
             conn.queue(p.wait_line(record.text))  # before PAIRED if a room opens at once
             self.enqueue(conn)
             if conn.state == WAITING:
-                busy = self.rooms_busy_text(conn)
-                self.log.event("name", f"{conn.label} waiting ({busy or record.text})")
-                if busy:
-                    conn.queue(p.wait_line(busy))
-                self.write_client(conn)
+                self.tell_waiting(conn, record.text, told=True)
                 self.handle_inbox(conn)
             if conn.state == WAITING and conn.eof:
                 self.end_input(conn)
@@ -666,10 +659,14 @@ class Server:
         ones from the queue."""
         room = self.rooms.pop(sentinel)
         self.sel.unregister(sentinel)
-        if room.proc.join(timeout) is None:  # stuck in the kernel even after SIGKILL
-            self.log.error(f"room {room.number} pid {room.proc.pid} did not exit; leaving it")
-            return
+        stuck = room.proc.join(timeout) is None  # in the kernel even after SIGKILL
         self.close_channel(room)
+        if stuck:
+            self.log.error(f"room {room.number} pid {room.proc.pid} did not exit; leaving it")
+            room.clients.value = 0
+            self.fds.disown(room.proc.sentinel)
+            room.proc.close()
+            return
         code = room.proc.exitcode
         if code:
             self.log.error(f"room {room.number} worker pid {room.proc.pid} {describe_exit(code)}")

@@ -31,12 +31,11 @@ from typing import Any
 
 from .fdmap import FdMap
 from .handback import ChannelReader
-from .room import PARENT_SIGNALS
+from .room import EXIT_CRASH, PARENT_SIGNALS
 
 # The start method is pinned once, here: the counts live in the fork context's shared
 # memory, which forked workers inherit (Python 3.14 changes the Linux default).
 MP = multiprocessing.get_context("fork")
-EXIT_CRASH = 70  # EX_SOFTWARE: the worker's body raised past everything
 
 
 class WorkerError(Exception):
@@ -65,9 +64,12 @@ class Worker:
         return self.exitcode
 
     def join(self, timeout: float | None = None) -> int | None:
-        """Wait up to ``timeout`` seconds (None: for ever) for the exit, then reap."""
+        """Wait up to ``timeout`` seconds (None: for ever) for the exit, then reap.
+        (poll(2), not select(2): the sentinel's number may be past 1023.)"""
         if self.exitcode is None:
-            select.select([self.sentinel], [], [], timeout)
+            waiter = select.poll()
+            waiter.register(self.sentinel, select.POLLIN)
+            waiter.poll(None if timeout is None else max(0, int(timeout * 1000)))
         return self.poll()
 
     def kill(self) -> None:
@@ -116,12 +118,16 @@ def fork_room(number: int, target: Callable[..., int], args: tuple, fds: FdMap) 
     fds.own(ours.fileno())  # the worker closes the parent's end with the rest
     old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
     gc.freeze()
+    pid = 0
     try:
         pid = os.fork()
         if pid == 0:
             run_child(target, (*args, clients, theirs))  # never returns
         sentinel = os.pidfd_open(pid)
     except OSError as exc:
+        if pid:  # forked, but it cannot be watched (out of fds): undo it, leave no zombie
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         fds.disown(ours.fileno())
         ours.close()
         raise WorkerError(f"cannot fork a room worker: {exc.strerror or exc}") from None

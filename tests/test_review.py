@@ -28,9 +28,11 @@ from support import (
     ServerProc,
     child_env,
     close_all,
+    copy_fd_of,
     pair,
     reap_tree,
     run_bin,
+    server_side_fd,
     wait_until,
 )
 
@@ -358,5 +360,72 @@ def test_server_raises_its_soft_fd_limit_to_the_hard_one_and_says_so():
     try:
         srv.out.wait_for(rf"open-file limit raised from {low} to {hard}$")
         assert psutil.Process(srv.pid).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        srv.stop()
+
+
+# -- the second review: what a read of the day's diff found ---------------------------------------
+
+
+def test_a_room_closing_with_the_parent_past_1024_fds_does_not_crash_it():
+    """The parent waits on a reaped worker's pidfd; past fd 1023 select() cannot."""
+    srv = ServerProc("--no-color", "--max-waiting", "5000")
+    silent = []
+    try:
+        for _ in range(1100):  # the parent now holds fds past 1023
+            silent.append(socket.create_connection(srv.address, timeout=DEADLINE))
+        wait_until(lambda: psutil.Process(srv.pid).num_fds() > 1100, what="1100 accepted")
+        a, b = pair(srv.address)
+        a.send("exit")
+        b.expect("BYE partner-exit")
+        close_all((a, b))
+        srv.out.wait_for(r"room 1 closed: alice left")
+        c, d = pair(srv.address, "carol", "dave")  # the parent is still serving
+        c.send("still here")
+        d.expect("MSG still here")
+        assert srv.proc.poll() is None
+        close_all((c, d))
+    finally:
+        for sock in silent:
+            sock.close()
+        srv.stop()
+    assert "Traceback" not in srv.err.text()
+
+
+def test_a_send_that_falls_short_in_the_steady_state_is_finished():
+    """The room's steady loop hands a send that fell short to the general loop, which
+    must flush it (and watch for writing), not wait for input that never comes."""
+    srv = ServerProc("--no-color", "--max-line", "200000", "--idle-timeout", "0")
+    try:
+        a = Peer(srv.address, "alice")
+        a.expect("WAIT ")
+        b = Peer.__new__(Peer)  # bob: a small receive window, set before connecting
+        b.buf = b""
+        b.sock = socket.socket()
+        b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        b.sock.settimeout(DEADLINE)
+        b.sock.connect(srv.address)
+        b.expect("HELLO ")
+        b.send("bob")
+        b.expect("PAIRED alice", "TURN READ")
+        a.expect("PAIRED bob", "TURN WRITE")
+        a.send("hi")
+        a.expect("TURN READ")
+        b.expect("MSG hi", "TURN WRITE")
+        b.send("yo")  # now the room is in its steady loop
+        b.expect("TURN READ")
+        a.expect("MSG yo", "TURN WRITE")
+        room = srv.children()[0].pid
+        try:
+            fd = copy_fd_of(room, server_side_fd(room, b))
+        except OSError as exc:
+            pytest.skip(f"cannot reach the room's socket here: {exc}")
+        with socket.socket(fileno=fd) as copy:  # the room's own socket to bob
+            copy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        a.send(b"x" * 60_000 + b"\n")  # one read for the room, more than one send
+        a.expect("TURN READ")
+        assert b.raw_line() == b"MSG " + b"x" * 60_000
+        b.expect("TURN WRITE")
+        close_all((a, b))
     finally:
         srv.stop()
