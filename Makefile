@@ -27,7 +27,7 @@ pids: $(STAMP)
 	$(BIN)/python bin/pids --port $(PORT) $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bin/bench --json bench.json $(ARGS)
+	$(BIN)/python bin/bench --ref --json bench.json $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

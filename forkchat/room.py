@@ -194,18 +194,22 @@ class Room:
         in epoll, which is level-triggered, for the general loop).
         """
         writer, reader = self.writer, self.partner(self.writer)
-        poll, monotonic = self.epoll.poll, time.monotonic
+        wsock, rsock, wfd = writer.sock, reader.sock, writer.fd
+        poll, monotonic, turn_read = self.epoll.poll, time.monotonic, p.TURN_READ_LINE
         buf, take, find = RECV_BUFFER, p.PLAIN_LINE.fullmatch, RECV_BUFFER.find
         idle, limit = self.idle_timeout, writer.reader.max_line + 1  # + the LF
+        timeout = self.last_message + idle - monotonic() if idle else -1
         while True:
-            timeout = self.last_message + idle - monotonic() if idle else -1
             if idle and timeout <= 0:
                 return
             events = poll(timeout)
-            if len(events) != 1 or events[0] != (writer.fd, READ):
+            if len(events) != 1:
+                return
+            fd, mask = events[0]
+            if fd != wfd or mask != READ:
                 return
             try:
-                size = writer.sock.recv_into(buf)
+                size = wsock.recv_into(buf)
             except OSError:
                 return  # the general path reads it again and says why
             if (
@@ -218,13 +222,30 @@ class Room:
                 return
             self.last_message = monotonic()
             self.writer = reader
-            self.send(reader, b"MSG " + buf[: size - 1] + MSG_TAIL)
-            if self.ended:
+            if not self.send_whole(reader, b"MSG " + buf[: size - 1] + MSG_TAIL):
+                if not self.ended:  # TURN READ after the MSG, queued in order
+                    self.send(writer, turn_read)
                 return
-            self.send(writer, p.TURN_READ_LINE)
-            if self.ended or reader.out or writer.out:
+            if not self.send_whole(writer, turn_read):
                 return
-            writer, reader = reader, writer
+            writer, reader, wsock, rsock = reader, writer, rsock, wsock
+            wfd = writer.fd
+            timeout = idle or -1  # the deadline just moved to a full idle period
+
+    def send_whole(self, conn: Conn, data: bytes) -> bool:
+        """Send ``data`` now; True if the socket took all of it. What it did not take is
+        queued (the general loop flushes it); a failed socket loses the client."""
+        try:
+            sent = conn.sock.send(data)
+        except WOULD_BLOCK:
+            sent = 0
+        except OSError:
+            self.lose(conn, "connection reset")
+            return False
+        if sent == len(data):
+            return True
+        conn.out += data[sent:]
+        return False
 
     def take_bytes(self, conn: Conn, data: bytes | bytearray) -> None:
         """Bytes read from ``conn`` outside :meth:`Conn.receive`: the end of input if
