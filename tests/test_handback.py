@@ -15,8 +15,6 @@ import threading
 import pytest
 
 from forkchat.handback import (
-    BACK_NEXT,
-    BACK_PARTNER,
     HEADER,
     ChannelReader,
     HandBack,
@@ -60,7 +58,7 @@ def record(n: int = 1, **kw) -> HandBack:
         "name": f"user{n}",
         "peer": f"127.0.0.1:{40000 + n}",
         "avoid": n + 100,
-        "why": BACK_NEXT,
+        "why": "said next",
         "text": "looking for a new partner",
     }
     return HandBack(**{**fields, **kw})
@@ -91,7 +89,7 @@ def test_a_record_and_a_tcp_socket_cross_and_the_socket_is_the_same_connection(c
         discarding=True,
         out=b"TURN READ\n",
         eof=True,
-        why=BACK_PARTNER,
+        why="partner bob left",
     )
     send_handback(worker, sent, served.fileno())
     served.close()  # the worker closes its copy after sending: the connection lives on
