@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import ServerProc
+from support import ServerProc, reap_tree
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -88,3 +88,20 @@ def make_cert(tmp_path_factory) -> Callable[[str], tuple[str, str]]:
 def tls_pair(make_cert) -> tuple[str, str]:
     """A self-signed (cert, key) pair for localhost and 127.0.0.1."""
     return make_cert("server")
+
+
+@pytest.fixture
+def piped():
+    """Factory of piped ``bin/client`` processes (test_client.ClientProc); every one is
+    reaped (by PID, with children) at teardown."""
+    from test_client import ClientProc  # the client tests' driver, shared here
+
+    started: list = []
+
+    def start(port: int, *args: str):
+        started.append(ClientProc(port, *args))
+        return started[-1]
+
+    yield start
+    for client in started:
+        reap_tree(client.proc)

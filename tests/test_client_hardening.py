@@ -14,25 +14,11 @@ import subprocess
 import sys
 
 import pytest
-from test_client import CLIENT, ClientProc, connecting, paired_client, waiting_peer
+from test_client import CLIENT, connecting, paired_client, waiting_peer
 
 from support import DEADLINE, ServerProc, child_env, reap_tree, run_bin, wait_until
 
 LARGEST = 1 << 20  # the server's largest --max-line
-
-
-@pytest.fixture
-def piped():
-    """Factory of piped clients, every one reaped (by PID, with children) at teardown."""
-    started: list[ClientProc] = []
-
-    def start(port: int, *args: str) -> ClientProc:
-        started.append(ClientProc(port, *args))
-        return started[-1]
-
-    yield start
-    for proc in started:
-        reap_tree(proc.proc)
 
 
 def run_with_closed(redirect: str, port: int, name: str) -> subprocess.Popen:

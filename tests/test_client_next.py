@@ -11,9 +11,16 @@ import re
 import socket
 
 import pytest
-from test_client import BYE_RE, ClientProc, accept_named, finish_tty, tty_client, waiting_peer
+from test_client import (
+    BYE_RE,
+    ClientProc,
+    accept_named,
+    finish_tty,
+    tty_client,
+    waiting_peer,
+)
 
-from support import DEADLINE, Peer, ServerProc, reap_tree
+from support import DEADLINE, Peer, ServerProc
 
 __all__ = ["tty_client"]  # a fixture used here
 
@@ -25,20 +32,6 @@ def fake_server():
     listener.settimeout(DEADLINE)
     yield listener
     listener.close()
-
-
-@pytest.fixture
-def piped():
-    """Factory of piped clients, every one reaped (by PID, with children) at teardown."""
-    started: list[ClientProc] = []
-
-    def start(port: int, *args: str) -> ClientProc:
-        started.append(ClientProc(port, *args))
-        return started[-1]
-
-    yield start
-    for proc in started:
-        reap_tree(proc.proc)
 
 
 class Scripted:
