@@ -1,0 +1,204 @@
+"""The parent's keeping of rooms: opening one for each pair the queue gives, reaping
+its worker through its sentinel, and taking back the clients it hands back.
+
+:class:`RoomKeeper` is a mixin of :class:`forkchat.server.Server`, as
+``socketserver.ForkingMixIn`` is of a server: it uses the server's tables (``waiting``,
+``rooms``, ``channels``, ``fds``), its selector and its client I/O (``register``,
+``say_bye``, ``enqueue``, ``tell_waiting``...). Forking itself is ``workers.py``'s; the
+relay in the new process is ``room.py``'s.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import time
+from typing import Any
+
+from . import protocol as p
+from .conn import IN_ROOM, WAITING, Conn
+from .handback import HandBack, unpack_inbox
+from .log import Log
+from .proctitle import ROOM_NAME, room_title, set_title
+from .room import RoomRules, reset_inherited_signals, run_room
+from .workers import RoomProc, WorkerError, describe_exit, fork_room
+
+STOP_GRACE = 5.0  # seconds rooms get to say BYE at shutdown before they are killed
+
+
+class RoomKeeper:
+    """Open, reap and take back from rooms (a mixin of the server; see the module)."""
+
+    def open_rooms(self) -> None:
+        """Open a room for each pair the queue gives (``waitlist``) while one is free."""
+        while len(self.rooms) < self.opts.max_rooms and not self.stopping:
+            pair = self.waiting.next_pair()
+            if pair is None:
+                return
+            # A client that closed (the loop has not read it yet) with no line left to
+            # handle has nothing to do in a room; with lines left (``exit``) it goes in.
+            dead = [conn for conn in pair if not conn.inbox and conn.peer_closed()]
+            for conn in dead:
+                self.end_input(conn)
+            if not dead:
+                self.open_room(*pair)
+
+    def open_room(self, first: Conn, second: Conn) -> None:
+        """Fork a worker for the pair; the parent then closes its copies of both sockets.
+        The worker logs "room N opened" itself, so that line comes before its others."""
+        number = self.room_count + 1
+        for conn in (first, second):
+            self.forget(conn)
+            self.sel.unregister(conn.fd)
+            del self.by_fd[conn.fd]
+            conn.state = IN_ROOM
+        started = self.start_worker(number, first, second)
+        if started is None:
+            self.refuse_pair(first, second)
+            return
+        room = started
+        self.room_count = number
+        for conn in (first, second):
+            self.fds.disown(conn.fd)
+            conn.close()
+        self.rooms[room.proc.sentinel] = room
+        self.channels[room.channel.fileno()] = room
+        self.sel.register(room.proc.sentinel, selectors.EVENT_READ, self.on_sentinel)
+        self.sel.register(room.channel, selectors.EVENT_READ, self.on_channel)
+
+    def start_worker(self, number: int, first: Conn, second: Conn) -> RoomProc | None:
+        """Fork the room worker (``workers.fork_room``); None if it cannot be done now."""
+        try:
+            return fork_room(number, self.become_room, (number, first, second), self.fds)
+        except WorkerError as exc:
+            self.log.error(str(exc))
+            return None
+
+    def refuse_pair(self, first: Conn, second: Conn) -> None:
+        """The fork failed: tell both, the server goes on."""
+        for conn in (first, second):
+            self.register(conn)
+            self.say_bye(conn, p.BYE_ERROR, "could not open a room, try again later")
+
+    def become_room(
+        self, number: int, first: Conn, second: Conn, clients: Any, channel: socket.socket
+    ) -> int:
+        """Child side of the fork: drop everything of the parent's but the pair and the
+        room's end of its channel, then relay. Returns the worker's exit status."""
+        reset_inherited_signals()
+        self.fds.close_all(keep=(first.fd, second.fd, channel.fileno()))
+        set_title(room_title(number, first.name, second.name), ROOM_NAME)
+        log = Log(f"room {number} pid {os.getpid()}", self.log.color, self.log.stream)
+        rules = RoomRules(self.opts.idle_timeout, self.opts.requeue, channel, self.tls is not None)
+        return run_room(number, first, second, clients, rules, log)
+
+    def on_sentinel(self, key: Any, mask: int) -> None:
+        self.reap_room(key.fd)
+
+    def on_channel(self, key: Any, mask: int) -> None:
+        self.read_channel(self.channels[key.fd])
+
+    def read_channel(self, room: RoomProc) -> None:
+        """Take back every client the room has handed back so far (never blocks). Each
+        one moves from the room's count to the queue in one step of the loop."""
+        records, closed = room.reader.read()
+        for record, fd in records:
+            room.received += 1
+            self.take_back(record, fd)
+        if closed and room.channel.fileno() in self.channels:
+            self.sel.unregister(room.channel)
+            del self.channels[room.channel.fileno()]
+
+    def take_back(self, record: HandBack, fd: int) -> None:
+        """A client handed back by its room: restore it as it was there, log it, and
+        queue it as a new arrival (``WAIT``), or tell it ``BYE`` if the server is
+        stopping or the queue is full. Its lines are handled as a waiting client's."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return
+        conn = self.new_conn(sock, record.peer, record.id)
+        restore_conn(conn, record)
+        self.log.event("name", f"client requeued {conn.label} ({record.why})")
+        self.register(conn)
+        if self.stopping:
+            self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
+        elif self.queue_full(conn):
+            why = f"full: {len(self.waiting)} waiting, requeued"
+            self.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
+        elif conn.eof and not conn.inbox:  # it will send nothing more: no room for it
+            conn.queue(p.wait_line(record.text))
+            conn.state = WAITING
+            self.end_input(conn)
+        else:
+            conn.queue(p.wait_line(record.text))  # before PAIRED if a room opens at once
+            self.enqueue(conn)
+            if conn.state == WAITING:
+                self.tell_waiting(conn, record.text, told=True)
+                self.handle_inbox(conn)
+            if conn.state == WAITING and conn.eof:
+                self.end_input(conn)
+
+    def reap_room(self, sentinel: int, timeout: float | None = None) -> None:
+        """A worker has exited (its sentinel fired, or it was SIGKILLed): take back what
+        it handed back, join it, log an abnormal exit, free its room, and open the next
+        ones from the queue."""
+        room = self.rooms.pop(sentinel)
+        self.sel.unregister(sentinel)
+        stuck = room.proc.join(timeout) is None  # in the kernel even after SIGKILL
+        self.close_channel(room)
+        if stuck:
+            self.log.error(f"room {room.number} pid {room.proc.pid} did not exit; leaving it")
+            room.clients.value = 0
+            self.fds.disown(room.proc.sentinel)
+            room.proc.close()
+            return
+        code = room.proc.exitcode
+        if code:
+            self.log.error(f"room {room.number} worker pid {room.proc.pid} {describe_exit(code)}")
+        room.clients.value = 0
+        self.fds.disown(room.proc.sentinel)
+        room.proc.close()
+        self.open_rooms()
+
+    def close_channel(self, room: RoomProc) -> None:
+        """After the worker's exit: take the last hand-backs, close what came without a
+        whole message (a worker killed while it sent), close the channel."""
+        self.read_channel(room)
+        lost = room.reader.leftover_fds()
+        for fd in lost:
+            os.close(fd)
+        if lost:
+            self.log.error(f"room {room.number}: {len(lost)} client(s) lost in a hand-back")
+        if room.channel.fileno() in self.channels:
+            self.sel.unregister(room.channel)
+            del self.channels[room.channel.fileno()]
+        self.fds.disown(room.channel.fileno())
+        room.channel.close()
+
+    def kill_stragglers(self) -> None:
+        """Shutdown deadline passed: SIGKILL every room still there, reap them against
+        one short deadline, close the clients still lingering."""
+        stragglers = list(self.rooms.items())
+        for _, room in stragglers:
+            self.log.error(f"room {room.number} pid {room.proc.pid} did not stop; killing it")
+            room.proc.kill()
+        deadline = time.monotonic() + STOP_GRACE
+        for sentinel, _ in stragglers:
+            self.reap_room(sentinel, timeout=max(0.0, deadline - time.monotonic()))
+        for conn in list(self.closing.values()):
+            self.drop(conn)
+
+
+def restore_conn(conn: Conn, record: HandBack) -> None:
+    """Give a handed-back client what it had in its room: name, last partner, lines
+    not yet handled, the unfinished line, output not yet sent, end of input."""
+    conn.name = record.name
+    conn.avoid = record.avoid
+    conn.inbox.extend(unpack_inbox(record.inbox))
+    conn.reader.pending[:] = record.pending
+    conn.reader.discarding = record.discarding
+    conn.out += record.out
+    conn.eof = record.eof
