@@ -9,20 +9,22 @@ import ssl
 import pytest
 
 from forkchat import client, protocol
-from forkchat.client import (
+from forkchat.chatview import (
     ASKED_NEXT,
     CONNECTING,
     PAIRED,
     WAITING,
     ChatState,
-    Options,
-    UsageError,
     handshake_error_text,
     is_next,
-    make_tls_context,
-    parse_args,
     status_text,
     verify_error_text,
+)
+from forkchat.client import (
+    Options,
+    UsageError,
+    make_tls_context,
+    parse_args,
 )
 
 

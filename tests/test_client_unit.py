@@ -10,20 +10,22 @@ import pytest
 from docopt import DocoptExit
 
 from forkchat import __version__, client
-from forkchat.client import (
-    Options,
-    UsageError,
+from forkchat.chatview import (
     bye_text,
     connect_error_text,
     exit_status_for,
     format_address,
     message_text,
-    parse_args,
-    parse_port,
-    parse_username,
     sanitize,
     split_input,
     turn_text,
+)
+from forkchat.client import (
+    Options,
+    UsageError,
+    parse_args,
+    parse_port,
+    parse_username,
 )
 from forkchat.lineedit import (
     Edited,
