@@ -106,9 +106,13 @@ class RoomKeeper:
         for record, fd in records:
             room.received += 1
             self.take_back(record, fd)
-        if closed and room.channel.fileno() in self.channels:
+        if closed:
+            self.unwatch_channel(room)
+
+    def unwatch_channel(self, room: RoomProc) -> None:
+        """Stop watching the room's channel (its worker's end is closed); safe to repeat."""
+        if self.channels.pop(room.channel.fileno(), None) is not None:
             self.sel.unregister(room.channel)
-            del self.channels[room.channel.fileno()]
 
     def take_back(self, record: HandBack, fd: int) -> None:
         """A client handed back by its room: restore it as it was there, log it, and
@@ -128,18 +132,24 @@ class RoomKeeper:
         elif self.queue_full(conn):
             why = f"full: {len(self.waiting)} waiting, requeued"
             self.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
-        elif conn.eof and not conn.inbox:  # it will send nothing more: no room for it
-            conn.queue(p.wait_line(record.text))
+        else:
+            self.requeue(conn, record.text)
+
+    def requeue(self, conn: Conn, text: str) -> None:
+        """Queue a handed-back client with its ``WAIT text`` (queued first: it comes
+        before PAIRED if a room opens at once), then handle its lines as a waiting
+        client's. One whose input has ended and has no line left gets no room."""
+        conn.queue(p.wait_line(text))
+        if conn.eof and not conn.inbox:
             conn.state = WAITING
             self.end_input(conn)
-        else:
-            conn.queue(p.wait_line(record.text))  # before PAIRED if a room opens at once
-            self.enqueue(conn)
-            if conn.state == WAITING:
-                self.tell_waiting(conn, record.text, told=True)
-                self.handle_inbox(conn)
-            if conn.state == WAITING and conn.eof:
-                self.end_input(conn)
+            return
+        self.enqueue(conn)
+        if conn.state == WAITING:
+            self.tell_waiting(conn, text, told=True)
+            self.handle_inbox(conn)
+        if conn.state == WAITING and conn.eof:
+            self.end_input(conn)
 
     def reap_room(self, sentinel: int, timeout: float | None = None) -> None:
         """A worker has exited (its sentinel fired, or it was SIGKILLed): take back what
@@ -147,20 +157,16 @@ class RoomKeeper:
         ones from the queue."""
         room = self.rooms.pop(sentinel)
         self.sel.unregister(sentinel)
-        stuck = room.proc.join(timeout) is None  # in the kernel even after SIGKILL
+        code = room.proc.join(timeout)
         self.close_channel(room)
-        if stuck:
-            self.log.error(f"room {room.number} pid {room.proc.pid} did not exit; leaving it")
-            room.clients.value = 0
-            self.fds.disown(room.proc.sentinel)
-            room.proc.close()
-            return
-        code = room.proc.exitcode
-        if code:
-            self.log.error(f"room {room.number} worker pid {room.proc.pid} {describe_exit(code)}")
         room.clients.value = 0
         self.fds.disown(room.proc.sentinel)
         room.proc.close()
+        if code is None:  # stuck in the kernel even after SIGKILL
+            self.log.error(f"room {room.number} pid {room.proc.pid} did not exit; leaving it")
+            return
+        if code:
+            self.log.error(f"room {room.number} worker pid {room.proc.pid} {describe_exit(code)}")
         self.open_rooms()
 
     def close_channel(self, room: RoomProc) -> None:
@@ -172,9 +178,7 @@ class RoomKeeper:
             os.close(fd)
         if lost:
             self.log.error(f"room {room.number}: {len(lost)} client(s) lost in a hand-back")
-        if room.channel.fileno() in self.channels:
-            self.sel.unregister(room.channel)
-            del self.channels[room.channel.fileno()]
+        self.unwatch_channel(room)
         self.fds.disown(room.channel.fileno())
         room.channel.close()
 

@@ -169,18 +169,8 @@ def check_message(line: bytes) -> str | None:
 
 
 # One whole line of printable ASCII (and TAB) that is not blank, LF included: a message
-# judge_line relays as it is (the room's fast path; exit and next are checked apart).
+# judge_line relays as it is (the room's steady loop; exit and next are checked apart).
 PLAIN_LINE = re.compile(rb"[\t ]*[\x21-\x7e][\t\x20-\x7e]*\n")
-
-
-def is_relayable(line: bytes) -> bool:
-    """True for a line that :func:`judge_line` relays on the sender's turn (within the
-    length limit): not ``exit``, ``next`` or blank, valid UTF-8, no control character.
-    The room's fast path; the same rules as judge_line."""
-    word = line.strip(b" \t")
-    if not word or word == b"exit" or word == b"next":
-        return False
-    return check_message(line) is None
 
 
 def judge_line(line: bytes | TooLong, my_turn: bool) -> str:

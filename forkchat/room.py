@@ -292,28 +292,12 @@ class Room:
             self.end(f"idle timeout ({text})", {c: (p.BYE_TIMEOUT, text) for c in self.conns})
 
     def handle_readable(self, conn: Conn) -> None:
-        """Read what ``conn`` sent and handle it; the usual case, one whole message from
-        the writer with nothing else pending, goes straight to :meth:`relay`."""
-        if conn.inbox or conn.reader.pending or conn.reader.discarding or self.rules.tls:
-            if not conn.receive():
-                self.lose(conn, "closed without exit" if conn.eof else "vanished without exit")
-                return
-            self.handle_inbox(conn)
+        """Read what ``conn`` sent and handle it line by line: the general path (the
+        usual case, in the steady state, is :meth:`relay_steady`'s)."""
+        if not conn.receive():
+            self.lose(conn, "closed without exit" if conn.eof else "vanished without exit")
             return
-        try:
-            size = conn.sock.recv_into(RECV_BUFFER)
-        except WOULD_BLOCK:
-            return
-        except OSError:
-            self.lose(conn, "vanished without exit")
-            return
-        data = RECV_BUFFER[:size]
-        if size and conn is self.writer and data.find(b"\n") == size - 1:
-            line = bytes(data[: size - 2 if size > 1 and data[size - 2] == 13 else size - 1])
-            if len(line) <= conn.reader.max_line and p.is_relayable(line):
-                self.relay(conn, line)
-                return
-        self.take_bytes(conn, data)
+        self.handle_inbox(conn)
 
     def handle_inbox(self, conn: Conn) -> None:
         while conn.inbox and not self.ended:

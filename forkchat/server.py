@@ -109,6 +109,7 @@ class Server(RoomKeeper):
         self.channels: dict[int, RoomProc] = {}  # channel fd -> room
         self.preambles: dict[int, Preamble] = {}  # fd -> PROXY/TLS steps not yet done
         self.tls: ssl.SSLContext | None = None
+        self.preamble = opts.proxy_protocol or bool(opts.tls_cert)  # steps before HELLO
         self.room_count = 0
         self.client_count = 0  # ids handed out
         self.stopping = False
@@ -262,8 +263,9 @@ class Server(RoomKeeper):
             return
         conn.deadline = time.monotonic() + self.opts.name_timeout
         self.handshaking[conn.fd] = conn
-        if self.tls is None and not self.opts.proxy_protocol:
+        if not self.preamble:
             self.greet(conn)
+            self.write_client(conn)
             return
         # "client connected" once the preamble is through: one that fails it costs one
         # line, and with PROXY the client's own address is known only then.
@@ -271,17 +273,15 @@ class Server(RoomKeeper):
         self.step_preamble(conn)
 
     def greet(self, conn: Conn) -> None:
-        """A plain connection: log it and say HELLO."""
+        """The connection speaks the protocol now: log it and queue HELLO."""
         self.log.event("connect", f"client connected {conn.peer}")
         conn.queue(p.hello_line())
-        self.write_client(conn)
 
     def turn_away(self, conn: Conn, why: str) -> None:
         """Too many connections: ``BYE full`` where the client can read it (plain TCP),
         a plain close where it cannot (before a PROXY header or a TLS handshake)."""
-        if self.tls is None and not self.opts.proxy_protocol:
-            self.log.event("connect", f"client connected {conn.peer}")
-            conn.queue(p.hello_line())
+        if not self.preamble:
+            self.greet(conn)
             self.say_bye(conn, p.BYE_FULL, "too many connections, try again later", why)
         else:
             self.drop(conn, why)
@@ -305,8 +305,7 @@ class Server(RoomKeeper):
             self.watch(conn, events)
             return
         del self.preambles[conn.fd]
-        self.log.event("connect", f"client connected {conn.peer}")
-        conn.queue(p.hello_line())
+        self.greet(conn)
         # A name may have come in the same TLS record as the handshake's end.
         if self.read_client(conn):
             self.write_client(conn)
@@ -327,7 +326,7 @@ class Server(RoomKeeper):
                 continue
             conn = self.new_conn(sock, format_peer(addr))
             self.register(conn)
-            if self.tls is not None or self.opts.proxy_protocol:
+            if self.preamble:
                 self.drop(conn, "server shutdown")  # no protocol spoken yet: a clean close
                 continue
             self.log.event("connect", f"client connected {conn.peer}")
