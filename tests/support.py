@@ -194,13 +194,18 @@ def reap_tree(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 
 
 def run_bin(
-    name: str, *args: str, timeout: float = DEADLINE, text: bool = True
+    name: str,
+    *args: str,
+    timeout: float = DEADLINE,
+    text: bool = True,
+    input: str | bytes | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``bin/NAME ARGS`` to completion in its own session, stdin closed; kill and reap
-    it, and whatever it started, if it overruns ``timeout`` (an assertion failure)."""
+    """Run ``bin/NAME ARGS`` to completion in its own session, stdin closed (or fed
+    ``input``); kill and reap it, and whatever it started, if it overruns ``timeout``
+    (an assertion failure)."""
     proc = subprocess.Popen(
         [sys.executable, str(BIN / name), *args],
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=text,
@@ -208,7 +213,7 @@ def run_bin(
         start_new_session=True,
     )
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"bin/{name} {' '.join(args)} ran over {timeout:g} s") from None
     finally:

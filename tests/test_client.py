@@ -406,7 +406,10 @@ def test_leaving_is_bounded_when_the_server_never_says_bye(fake_server):
         reap_tree(proc)
 
 
-def test_signal_while_connecting(clients):
+@contextlib.contextmanager
+def stuck_connecting(start):
+    """A piped client (from the ``start`` factory) held in its connect(): the listener's
+    accept queue is full, so its SYNs are dropped. Yields the client, once it is there."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)
@@ -416,13 +419,18 @@ def test_signal_while_connecting(clients):
             for filler in fillers:
                 filler.setblocking(False)
                 filler.connect_ex(("127.0.0.1", port))
-            client = clients(port, "bob")
+            client = start(port, "bob")
             wait_until(lambda: connecting(client.pid, port), what="client in connect()")
-            client.signal(signal.SIGTERM)
-            assert client.wait() == 0
+            yield client
         finally:
             for filler in fillers:
                 filler.close()
+
+
+def test_signal_while_connecting(clients):
+    with stuck_connecting(clients) as client:
+        client.signal(signal.SIGTERM)
+        assert client.wait() == 0
     assert client.out.lines == ["leaving: received SIGTERM"]
     assert client.err.lines == []
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
-from test_client import CLIENT, connecting, paired_client, waiting_peer
+from test_client import CLIENT, paired_client, stuck_connecting, waiting_peer
 
-from support import DEADLINE, ServerProc, child_env, reap_tree, run_bin, wait_until
+from support import DEADLINE, ServerProc, child_env, reap_tree, run_bin
 
 LARGEST = 1 << 20  # the server's largest --max-line
 
@@ -109,23 +108,10 @@ def test_pids_signal_usr2_all_leaves_clients_alive(server, piped):
 
 def test_sigusr2_while_connecting_changes_nothing(piped):
     """The signal arrives before the session: the client neither dies nor leaves."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        fillers = [socket.socket() for _ in range(3)]  # fill the accept queue: SYNs drop
-        try:
-            for filler in fillers:
-                filler.setblocking(False)
-                filler.connect_ex(("127.0.0.1", port))
-            client = piped(port, "bob")
-            wait_until(lambda: connecting(client.pid, port), what="client in connect()")
-            client.signal(signal.SIGUSR2)
-            client.signal(signal.SIGTERM)  # handled after SIGUSR2: one wakeup, in order
-            assert client.wait() == 0
-        finally:
-            for filler in fillers:
-                filler.close()
+    with stuck_connecting(piped) as client:
+        client.signal(signal.SIGUSR2)
+        client.signal(signal.SIGTERM)  # handled after SIGUSR2: one wakeup, in order
+        assert client.wait() == 0
     assert client.out.lines == ["leaving: received SIGTERM"]
     assert client.err.lines == []
 

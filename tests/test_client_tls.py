@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_client import CLIENT
 
-from support import DEADLINE, OutputTail, child_env, reap_tree
+from support import DEADLINE, OutputTail, child_env, reap_tree, run_bin
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
@@ -118,20 +118,8 @@ def tls_server():
 
 
 def run_client(port: int, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
-    """Run a piped bin/client to its end with a deadline; reap it whatever happens."""
-    proc = subprocess.Popen(
-        [sys.executable, CLIENT, "bob", "--port", str(port), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=child_env(),
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(stdin, timeout=DEADLINE)
-    finally:
-        reap_tree(proc)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+    """Run a piped bin/client as bob to its end with a deadline; reap it whatever happens."""
+    return run_bin("client", "bob", "--port", str(port), *args, input=stdin.decode())
 
 
 def test_chat_over_tls_with_cafile(certs, tls_server):
