@@ -25,6 +25,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass, field
 
+from .conn import Conn
 from .protocol import TOO_LONG, TooLong
 
 HEADER = struct.Struct(">I")
@@ -60,7 +61,37 @@ def unpack_inbox(lines: list[bytes | None]) -> list[bytes | TooLong]:
     return [TOO_LONG if line is None else line for line in lines]
 
 
-def encode(record: HandBack) -> bytes:
+def snapshot(conn: Conn, avoid: int = 0, why: str = "", text: str = "") -> HandBack:
+    """A record of ``conn`` as it is now, to rebuild it in another process: its name,
+    address, lines not yet handled, unfinished line, unsent output, end of input."""
+    return HandBack(
+        id=conn.id,
+        name=conn.name or "?",
+        peer=conn.peer,
+        avoid=avoid,
+        why=why,
+        text=text,
+        inbox=pack_inbox(list(conn.inbox)),
+        pending=bytes(conn.reader.pending),
+        discarding=conn.reader.discarding,
+        out=bytes(conn.out),
+        eof=conn.eof,
+    )
+
+
+def restore_conn(conn: Conn, record: HandBack) -> None:
+    """Give a rebuilt client what the record says it had: name, last partner, lines
+    not yet handled, the unfinished line, output not yet sent, end of input."""
+    conn.name = record.name
+    conn.avoid = record.avoid
+    conn.inbox.extend(unpack_inbox(record.inbox))
+    conn.reader.pending[:] = record.pending
+    conn.reader.discarding = record.discarding
+    conn.out += record.out
+    conn.eof = record.eof
+
+
+def encode(record: object) -> bytes:
     """The message for ``record``: length, then the pickled record."""
     body = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
     return HEADER.pack(len(body)) + body

@@ -18,13 +18,24 @@ from typing import Any
 
 from . import protocol as p
 from .conn import IN_ROOM, WAITING, Conn
-from .handback import HandBack, unpack_inbox
+from .forker import ForkerGone, start_forker
+from .handback import ChannelReader, HandBack, restore_conn
 from .log import Log
 from .proctitle import ROOM_NAME, room_title, set_title
 from .room import RoomRules, reset_inherited_signals, run_room
-from .workers import RoomProc, WorkerError, describe_exit, fork_room
+from .workers import (
+    RoomProc,
+    Worker,
+    WorkerError,
+    abandon_room,
+    become_subreaper,
+    describe_exit,
+    fork_worker,
+    prepare_room,
+)
 
 STOP_GRACE = 5.0  # seconds rooms get to say BYE at shutdown before they are killed
+FORKER_GRACE = 1.0  # seconds a failed forker gets to exit before it is killed
 
 
 class RoomKeeper:
@@ -68,12 +79,40 @@ class RoomKeeper:
         self.sel.register(room.channel, selectors.EVENT_READ, self.on_channel)
 
     def start_worker(self, number: int, first: Conn, second: Conn) -> RoomProc | None:
-        """Fork the room worker (``workers.fork_room``); None if it cannot be done now."""
+        """Start the room's worker with its count slot and channel; None (logged) if it
+        cannot be done now, with nothing left half made."""
         try:
-            return fork_room(number, self.become_room, (number, first, second), self.fds)
+            slot, ours, theirs = prepare_room(self.counts, self.fds)
         except WorkerError as exc:
             self.log.error(str(exc))
             return None
+        try:
+            worker = self.launch_worker(number, slot, first, second, theirs)
+        except WorkerError as exc:
+            abandon_room(self.counts, slot, ours, self.fds)
+            self.log.error(str(exc))
+            return None
+        finally:
+            theirs.close()
+        return RoomProc(number, worker, slot, self.counts.count(slot), ours, ChannelReader(ours))
+
+    def launch_worker(
+        self, number: int, slot: int, first: Conn, second: Conn, theirs: socket.socket
+    ) -> Worker:
+        """Fork the worker: through the room forker while there is one, else here
+        (``workers.fork_worker``). Raises WorkerError."""
+        if self.forker is not None:
+            try:
+                worker = self.forker.order(number, slot, first, second, theirs)
+            except ForkerGone as exc:
+                self.lose_forker(str(exc))
+                if exc.ordered:  # it may have forked: this pair gets no second room
+                    raise WorkerError(f"room {number}: the forker failed with the order") from None
+            else:
+                self.fds.own(worker.sentinel)
+                return worker
+        clients = self.counts.count(slot)
+        return fork_worker(self.become_room, (number, first, second, clients, theirs), self.fds)
 
     def refuse_pair(self, first: Conn, second: Conn) -> None:
         """The fork failed: tell both, the server goes on."""
@@ -159,7 +198,7 @@ class RoomKeeper:
         self.sel.unregister(sentinel)
         code = room.proc.join(timeout)
         self.close_channel(room)
-        room.clients.value = 0
+        self.counts.release(room.slot)
         self.fds.disown(room.proc.sentinel)
         room.proc.close()
         if code is None:  # stuck in the kernel even after SIGKILL
@@ -182,6 +221,42 @@ class RoomKeeper:
         self.fds.disown(room.channel.fileno())
         room.channel.close()
 
+    def start_forker(self) -> None:
+        """Fork the room forker (``forker.py``), unless rooms need this process's memory
+        (TLS sessions). Without one, or once it is gone, rooms are forked here."""
+        become_subreaper()  # should the forker die, its rooms are ours to reap
+        if self.tls is not None:
+            return
+        try:
+            self.forker = start_forker(self)
+        except WorkerError as exc:
+            self.log.error(f"{exc}: the server forks the rooms itself")
+            return
+        self.sel.register(self.forker.sentinel, selectors.EVENT_READ, self.on_forker_exit)
+
+    def on_forker_exit(self, key: Any, mask: int) -> None:
+        self.lose_forker()
+
+    def lose_forker(self, failure: str = "") -> None:
+        """The forker exited, or ``failure`` made it no use (it is then killed): reap
+        it, log it; later rooms are forked here. Its rooms go on, watched as before
+        (and, orphaned, adopted by this subreaper)."""
+        forker, self.forker = self.forker, None
+        self.sel.unregister(forker.sentinel)
+        self.fds.disown(forker.sentinel)
+        self.fds.disown(forker.sock.fileno())
+        code = forker.stop(timeout=FORKER_GRACE)
+        how = f"failed ({failure})" if failure else describe_exit(code or 0)
+        self.log.error(f"room forker pid {forker.pid} {how}; the server forks the rooms itself")
+
+    def stop_forker(self) -> None:
+        """At exit: the forker reaps its last rooms and exits; log an abnormal end."""
+        if self.forker is not None:
+            forker, self.forker = self.forker, None
+            code = forker.stop(timeout=STOP_GRACE)
+            if code:
+                self.log.error(f"room forker pid {forker.pid} {describe_exit(code)}")
+
     def kill_stragglers(self) -> None:
         """Shutdown deadline passed: SIGKILL every room still there, reap them against
         one short deadline, close the clients still lingering."""
@@ -194,15 +269,3 @@ class RoomKeeper:
             self.reap_room(sentinel, timeout=max(0.0, deadline - time.monotonic()))
         for conn in list(self.closing.values()):
             self.drop(conn)
-
-
-def restore_conn(conn: Conn, record: HandBack) -> None:
-    """Give a handed-back client what it had in its room: name, last partner, lines
-    not yet handled, the unfinished line, output not yet sent, end of input."""
-    conn.name = record.name
-    conn.avoid = record.avoid
-    conn.inbox.extend(unpack_inbox(record.inbox))
-    conn.reader.pending[:] = record.pending
-    conn.reader.discarding = record.discarding
-    conn.out += record.out
-    conn.eof = record.eof

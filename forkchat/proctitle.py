@@ -4,8 +4,9 @@ The server's ``comm`` (what ``top`` shows, 15 bytes) is ``forkchat-server``; its
 command line stays as it was typed. Each room worker's ``comm`` is ``forkchat-room`` and
 its full command line (``ps``, ``top -c``, ``bin/pids``) ``forkchat-room N alice+bob``,
 set with ``setproctitle``: the library gunicorn and Celery use, because it rewrites the
-process's own argv area, which is what ``/proc/PID/cmdline`` reads. ``bin/pids`` and
-the pidfile check rely on these names.
+process's own argv area, which is what ``/proc/PID/cmdline`` reads. The room forker
+(``forker.py``: the rooms' parent, unless the server speaks TLS) is ``forkchat-forker``
+in both. ``bin/pids`` and the pidfile check rely on these names.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ except ImportError:  # pragma: no cover
 
 SERVER_NAME = "forkchat-server"
 ROOM_NAME = "forkchat-room"
+FORKER_NAME = "forkchat-forker"  # the process that forks the plain-TCP rooms (forker.py)
 
 
 def set_title(title: str, comm: str) -> None:

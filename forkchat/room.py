@@ -25,7 +25,7 @@ from typing import Any
 
 from . import protocol as p
 from .conn import RECV_BUFFER, WOULD_BLOCK, Conn
-from .handback import HandBack, pack_inbox, send_handback
+from .handback import send_handback, snapshot
 from .log import Log
 
 READ = select.EPOLLIN
@@ -451,19 +451,7 @@ class Room:
         that cannot go back is lost (logged)."""
         self.unwatch(conn.fd)
         partner = self.partner(conn)
-        record = HandBack(
-            id=conn.id,
-            name=conn.name or "?",
-            peer=conn.peer,
-            avoid=partner.id,
-            why=why,
-            text=text,
-            inbox=pack_inbox(list(conn.inbox)),
-            pending=bytes(conn.reader.pending),
-            discarding=conn.reader.discarding,
-            out=bytes(conn.out),
-            eof=conn.eof,
-        )
+        record = snapshot(conn, partner.id, why, text)
         try:
             send_handback(self.rules.channel, record, conn.fd)
         except OSError as exc:

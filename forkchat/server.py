@@ -31,6 +31,7 @@ from .conn import (
     tune_socket,
 )
 from .fdmap import FdMap
+from .forker import Forker
 from .keeper import STOP_GRACE, RoomKeeper
 from .log import Log
 from .pidfile import PidfileError, write_pidfile
@@ -38,7 +39,7 @@ from .preamble import HealthCheck, Preamble, PreambleError
 from .room import LINGER, PARENT_SIGNALS
 from .tlsconf import TlsError, server_context
 from .waitlist import WaitList, may_pair
-from .workers import RoomProc, format_report
+from .workers import CountSlots, RoomProc, format_report
 
 EXIT_OK = 0
 BACKLOG = 4096
@@ -109,6 +110,8 @@ class Server(RoomKeeper):
         self.channels: dict[int, RoomProc] = {}  # channel fd -> room
         self.preambles: dict[int, Preamble] = {}  # fd -> PROXY/TLS steps not yet done
         self.tls: ssl.SSLContext | None = None
+        self.forker: Forker | None = None  # forks the rooms (forker.py), if there is one
+        self.counts = CountSlots(opts.max_rooms)  # each room's client count, shared memory
         self.preamble = opts.proxy_protocol or bool(opts.tls_cert)  # steps before HELLO
         self.room_count = 0
         self.client_count = 0  # ids handed out
@@ -139,6 +142,7 @@ class Server(RoomKeeper):
                 write_pidfile(self.opts.pidfile)
             except PidfileError as exc:
                 raise StartupError(str(exc)) from None
+        self.start_forker()
         self.sel.register(self.listener, selectors.EVENT_READ, self.accept_clients)
         self.install_signals()
         self.log.plain(f"forkchat server listening on {self.address} pid {os.getpid()}")
@@ -184,6 +188,7 @@ class Server(RoomKeeper):
             self.expire_timers()
             if self.stopping and time.monotonic() >= self.stop_deadline:
                 self.kill_stragglers()
+        self.stop_forker()  # its last log lines come before the last line
         self.log.plain("SERVER WILL DISCONNECT")
         return EXIT_OK
 
@@ -196,6 +201,7 @@ class Server(RoomKeeper):
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
         signal.set_wakeup_fd(-1)
+        self.stop_forker()
         if self.listener is not None:
             self.listener.close()
         self.wake_r.close()
@@ -593,7 +599,6 @@ class Server(RoomKeeper):
                 continue
             self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
         for room in self.rooms.values():
-            # poll() reaps: a worker already reaped is never signalled (its PID may
-            # belong to someone else by now); its sentinel still ends it in the loop.
-            if room.proc.poll() is None:
-                os.kill(room.proc.pid, signal.SIGUSR1)
+            # Through the pidfd: never another process that reused the PID. A worker
+            # already gone is not signalled; its sentinel still ends it in the loop.
+            room.proc.signal(signal.SIGUSR1)

@@ -1,23 +1,28 @@
 """The parent's side of room workers: forking one, watching it, reaping it.
 
-A room worker is a plain ``os.fork()`` child, watched through a pidfd: a file
-descriptor the kernel makes readable when that one process exits, the sentinel the
-server's selector waits on. It is reaped by its own PID (``waitpid(pid)``, never
-``waitpid(-1)``). ``multiprocessing.Process`` did the same with more: two pipes, a
+A room worker is a plain ``os.fork()`` child, forked by the room forker
+(``forker.py``) or, for a TLS server or once the forker is gone, by the server itself.
+The server watches each one through a pidfd: a file descriptor the kernel makes
+readable when that one process exits, the sentinel the server's selector waits on. It
+signals through it too (``pidfd_send_signal``: never another process that reused the
+PID) and reaps its own children through it (``waitid(P_PIDFD)``); the forker's are
+reaped by the forker. ``multiprocessing.Process`` did the same with more: two pipes, a
 finalizer and a bootstrap per child. Its bootstrap clears the finalizer registry, which
 holds an entry per live child, so each new worker wrote to as many of the parent's
 objects as there were rooms open (memory per room grew with the rooms); its pipes cost
 four fds and a dozen syscalls per fork. See the README's Performance section.
 
-Each room gets, at the fork, its client count (a lock-free ``multiprocessing.Value`` from
-the fork context pinned below, only the worker writes it until it is reaped) and its
-channel (a Unix socketpair for hand-backs, ``handback.py``; the worker also sees the
-parent die through it). The server (``server.py``) decides when to open and reap rooms;
-this module does the forking and the bookkeeping around it.
+Each room gets its client count, a slot of :class:`CountSlots` (shared memory from the
+fork context pinned below, made before any fork; only the worker writes its slot until
+it is reaped), and its channel (a Unix socketpair for hand-backs, ``handback.py``; the
+worker also sees the server die through it). The server (``server.py``,
+``keeper.py``) decides when to open and reap rooms; this module does the forking and
+the bookkeeping around it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
 import multiprocessing.sharedctypes  # imported now: lazily, at the first room, fds may be short
@@ -36,6 +41,51 @@ from .room import EXIT_CRASH, PARENT_SIGNALS
 # The start method is pinned once, here: the counts live in the fork context's shared
 # memory, which forked workers inherit (Python 3.14 changes the Linux default).
 MP = multiprocessing.get_context("fork")
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+class CountSlots:
+    """Every room's client count, in one shared array of C ints made before any fork.
+
+    ``multiprocessing.Value("i", lock=False)`` is a C int in the fork context's shared
+    memory; this is the same memory, allocated once for ``size`` rooms instead of once a
+    room: the room forker, forked at start, maps it, whereas a Value made later would
+    live in memory it never mapped. A slot is taken for a room at its fork (set to 2)
+    and given back when its worker is reaped; only that worker writes it meanwhile.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.array = MP.Array(ctypes.c_int, size, lock=False)
+        self.free = list(range(size - 1, -1, -1))  # pop() gives the lowest slot
+
+    def take(self) -> int:
+        """A free slot, set to 2 (the pair). Raises WorkerError when none is free."""
+        if not self.free:
+            raise WorkerError("no free room slot")
+        slot = self.free.pop()
+        self.array[slot] = 2
+        return slot
+
+    def count(self, slot: int) -> ctypes.c_int:
+        """The slot as a C int in shared memory, what ``multiprocessing.Value`` gives:
+        ``.value`` reads and writes it, in any process forked since the array was made."""
+        return ctypes.c_int.from_buffer(self.array, slot * ctypes.sizeof(ctypes.c_int))
+
+    def release(self, slot: int) -> None:
+        """Give the slot back (its worker is reaped: nobody writes it any more)."""
+        self.array[slot] = 0
+        self.free.append(slot)
+
+
+def become_subreaper() -> bool:
+    """Make this process adopt its orphaned descendants (``PR_SET_CHILD_SUBREAPER``):
+    should the room forker die, its rooms become the server's children, to reap. Best
+    effort; False if the kernel refused."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 class WorkerError(Exception):
@@ -43,7 +93,14 @@ class WorkerError(Exception):
 
 
 class Worker:
-    """A forked room worker as its parent sees it: PID, sentinel (a pidfd), exit code."""
+    """A room worker as the server sees it: PID, sentinel (a pidfd), exit code.
+
+    The server's own child is reaped through its pidfd and gets its exit code. A worker
+    the room forker forked is reaped, and its ending logged, by the forker: the server
+    learns only that it exited (its pidfd is readable), and records exit code 0. Should
+    the forker die first, the worker becomes the server's child (the server is a
+    subreaper) and is reaped here after all.
+    """
 
     __slots__ = ("exitcode", "pid", "sentinel")
 
@@ -55,31 +112,54 @@ class Worker:
     def poll(self) -> int | None:
         """Reap the worker if it has exited (never blocks); its exit code or None.
 
-        Once reaped, its PID may belong to another process: signal it only while this
-        returns None."""
+        Once this returns a code the worker is gone: signal it only while it is None."""
         if self.exitcode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.exitcode = os.waitstatus_to_exitcode(status)
+            try:
+                result = os.waitid(os.P_PIDFD, self.sentinel, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:  # the forker's child: it reaps, and logs how it ended
+                if is_readable(self.sentinel):
+                    self.exitcode = 0
+            else:
+                if result is not None:
+                    self.exitcode = exit_code(result)
         return self.exitcode
 
     def join(self, timeout: float | None = None) -> int | None:
-        """Wait up to ``timeout`` seconds (None: for ever) for the exit, then reap.
-        (poll(2), not select(2): the sentinel's number may be past 1023.)"""
+        """Wait up to ``timeout`` seconds (None: for ever) for the exit, then reap."""
         if self.exitcode is None:
-            waiter = select.poll()
-            waiter.register(self.sentinel, select.POLLIN)
-            waiter.poll(None if timeout is None else max(0, int(timeout * 1000)))
+            is_readable(self.sentinel, timeout)
         return self.poll()
 
-    def kill(self) -> None:
-        """SIGKILL, if not reaped yet."""
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` through the pidfd, if the worker has not exited."""
         if self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
+            try:
+                signal.pidfd_send_signal(self.sentinel, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL, if not exited yet."""
+        self.signal(signal.SIGKILL)
 
     def close(self) -> None:
         """Release the sentinel (after the reap)."""
         os.close(self.sentinel)
+
+
+def is_readable(fd: int, timeout: float | None = 0) -> bool:
+    """Whether ``fd`` is readable within ``timeout`` seconds (None: wait for ever).
+    (poll(2), not select(2): the fd's number may be past 1023.)"""
+    waiter = select.poll()
+    waiter.register(fd, select.POLLIN)
+    return bool(waiter.poll(None if timeout is None else max(0, int(timeout * 1000))))
+
+
+def exit_code(result: os.waitid_result) -> int:
+    """A waitid result as an exit code: the status, or -N for a signal N."""
+    if result.si_code == os.CLD_EXITED:
+        return result.si_status
+    return -result.si_status
 
 
 @dataclass
@@ -89,7 +169,8 @@ class RoomProc:
 
     number: int
     proc: Worker
-    clients: Any  # multiprocessing.Value("i"): 2 at the fork, then the worker's to write
+    slot: int  # its count's slot in CountSlots
+    clients: Any  # that slot as a C int: 2 at the fork, then the worker's to write
     channel: socket.socket
     reader: ChannelReader
     received: int = 0  # clients taken back from the channel: no longer the room's
@@ -100,44 +181,60 @@ class RoomProc:
         return max(0, self.clients.value - self.received)
 
 
-def fork_room(number: int, target: Callable[..., int], args: tuple, fds: FdMap) -> RoomProc:
-    """Fork the worker for room ``number``: ``target(*args, clients, channel)`` runs in
-    the child and its return value is the exit status. Raises WorkerError if it cannot be
-    done now; nothing is left half made.
-
-    Signals are blocked around the fork so none lands in a half-made worker, and the
-    heap is frozen so the child's gc never touches (and copies) the parent's objects.
-    The parent's end of the channel and the sentinel are marked in ``fds`` (later
-    workers close them); the parent's copy of the worker's end is closed at once.
-    """
+def prepare_room(counts: CountSlots, fds: FdMap) -> tuple[int, socket.socket, socket.socket]:
+    """What a room needs before its worker starts: a count slot (set to 2) and its
+    channel. Returns (slot, the server's end, marked in ``fds``; the worker's end, for
+    the caller to close once the worker has it). Raises WorkerError, leaving nothing."""
+    slot = counts.take()
     try:
-        clients = MP.Value("i", 2, lock=False)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:
+        counts.release(slot)
         raise WorkerError(f"cannot make a room channel: {exc.strerror or exc}") from None
-    fds.own(ours.fileno())  # the worker closes the parent's end with the rest
+    fds.own(ours.fileno())  # later workers close the server's end with the rest
+    ours.setblocking(False)
+    return slot, ours, theirs
+
+
+def abandon_room(counts: CountSlots, slot: int, channel: socket.socket, fds: FdMap) -> None:
+    """Undo :func:`prepare_room` for a worker that could not be started."""
+    fds.disown(channel.fileno())
+    channel.close()
+    counts.release(slot)
+
+
+def fork_child(target: Callable[..., int], args: tuple) -> tuple[int, int]:
+    """Fork a child that runs ``target(*args)`` and exits with its return value.
+    Returns (pid, pidfd). Raises WorkerError if it cannot be done now; a child that was
+    forked but cannot be watched (out of fds) is killed and reaped.
+
+    Signals are blocked around the fork so none lands in a half-made child, and the
+    heap is frozen so the child's gc never touches (and copies) the parent's objects.
+    """
     old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
     gc.freeze()
     pid = 0
     try:
         pid = os.fork()
         if pid == 0:
-            run_child(target, (*args, clients, theirs))  # never returns
-        sentinel = os.pidfd_open(pid)
+            run_child(target, args)  # never returns
+        return pid, os.pidfd_open(pid)
     except OSError as exc:
-        if pid:  # forked, but it cannot be watched (out of fds): undo it, leave no zombie
+        if pid:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        fds.disown(ours.fileno())
-        ours.close()
         raise WorkerError(f"cannot fork a room worker: {exc.strerror or exc}") from None
     finally:
         gc.unfreeze()
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        theirs.close()
+
+
+def fork_worker(target: Callable[..., int], args: tuple, fds: FdMap) -> Worker:
+    """Fork a room worker from this process: ``target(*args)`` runs in it. Its
+    sentinel is marked in ``fds`` (later workers close it). Raises WorkerError."""
+    pid, sentinel = fork_child(target, args)
     fds.own(sentinel)
-    ours.setblocking(False)
-    return RoomProc(number, Worker(pid, sentinel), clients, ours, ChannelReader(ours))
+    return Worker(pid, sentinel)
 
 
 def run_child(target: Callable[..., int], args: tuple) -> None:

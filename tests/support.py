@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from forkchat.proctitle import FORKER_NAME
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
 DEADLINE = 10.0
@@ -145,10 +147,21 @@ class ServerProc:
         os.kill(self.pid, sig)
 
     def children(self) -> list[psutil.Process]:
+        """The server's room workers, at any depth (the room forker's children, or the
+        server's own for a TLS server); the forker itself is left out."""
+        return [p for p in self.descendants() if process_name(p) != FORKER_NAME]
+
+    def descendants(self) -> list[psutil.Process]:
+        """Every process below the server: the room forker and the rooms."""
         try:
             return psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+
+    def forker(self) -> psutil.Process:
+        """The room forker (a plain-TCP server has exactly one)."""
+        (forker,) = [p for p in self.descendants() if process_name(p) == FORKER_NAME]
+        return forker
 
     def wait_exit(self, timeout: float = DEADLINE) -> int:
         return self.proc.wait(timeout)
@@ -163,6 +176,14 @@ class ServerProc:
         reap_tree(self.proc)
 
     kill = stop
+
+
+def process_name(proc: psutil.Process) -> str:
+    """``proc``'s comm, or "" if it has exited meanwhile."""
+    try:
+        return proc.name()
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def reap_tree(proc: subprocess.Popen, timeout: float = 5.0) -> None:

@@ -219,8 +219,10 @@ def test_log_is_coloured_on_a_terminal_only_when_allowed():
                 child.expect("client connected")
             return child.before.decode() + child.after.decode()
         finally:
+            family = psutil.Process(child.pid).children(recursive=True)  # the room forker
             child.kill(signal.SIGKILL)
             child.close()
+            psutil.wait_procs(family, timeout=DEADLINE)  # it exits once the server is gone
 
     assert "\x1b[" in first_events()
     assert "\x1b[" not in first_events("--no-color")

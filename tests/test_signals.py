@@ -229,13 +229,15 @@ def test_ctrl_c_in_the_server_terminal_ends_cleanly():
 
 def test_parent_killed_rooms_close_instead_of_lingering(server):
     a, b = pair(server.address)
-    worker = server.children()[0]
+    family = server.descendants()  # the room forker and the room
+    assert len(family) == 2
     psutil.Process(server.pid).kill()
     server.wait_exit()
     a.expect("BYE shutdown server lost")
     b.expect("BYE shutdown server lost")
     a.close()
     b.close()
-    # The orphaned worker ends by itself (the suite is its subreaper, so reap it here).
-    _, alive = psutil.wait_procs([worker], timeout=DEADLINE)
+    # The orphaned worker ends by itself, and the forker once it has reaped it (the
+    # suite is their subreaper, so reap them here).
+    _, alive = psutil.wait_procs(family, timeout=DEADLINE)
     assert not alive

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 import support
@@ -193,6 +194,9 @@ def test_the_room_worker_holds_the_two_tls_sockets_and_its_channel(start, trust)
     assert held == {alice.sock.getsockname(), bob.sock.getsockname()}
     assert len(tcp_sockets(room)) == 2  # no listener, nobody else's socket
     assert socket_fds(room) == 3  # the two clients and its end of the channel
+    # The sessions' state is in the server's memory: it forks TLS rooms itself.
+    assert psutil.Process(room).ppid() == srv.pid
+    assert srv.descendants() == srv.children()  # no room forker
     chat_both_ways(alice, bob)  # the worker carries both sessions on after the fork
     leave(alice, bob)
 

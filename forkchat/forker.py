@@ -1,0 +1,296 @@
+"""The room forker: a small process, forked by the server at start, that forks the rooms.
+
+Why: a fork copies the forking process's page tables, and every page the forking
+process writes afterwards stays with the worker forked just before, alone. The server
+writes a few hundred KiB between two forks (the objects it touches to accept, name,
+pair and log the next clients), so each of its workers kept that much of the server as
+private memory, and each fork cost the server a copy-on-write fault per page it then
+wrote. The forker is forked once, before the server has accepted anyone, and does
+nothing but fork: between two forks it touches a handful of objects, so its workers
+share nearly everything with it and with each other. This is the idea of
+``multiprocessing``'s "forkserver" and of Android's zygote, kept small; the README's
+Performance section has the figures.
+
+The server keeps one end of a Unix stream socketpair; an order and its answer are one
+message each way (``handback``'s framing: a length, then a pickle; both ends are this
+program), and the server waits for the answer as it would wait for ``fork()`` itself:
+
+- order: :class:`RoomOrder` (room number, count slot, both clients' state as
+  :class:`~forkchat.handback.HandBack` records), with three descriptors: the two
+  clients' sockets and the worker's end of the room's channel;
+- answer: ``("ok", pid)`` with the worker's pidfd, or ``("error", text)``.
+
+The forker reaps its workers through their pidfds and logs an abnormal exit as the
+server would. The server watches and signals each worker through its own pidfd
+(``workers.Worker``). When the server closes its end (shutdown, or the server died)
+the forker takes no more orders, reaps the workers it has left, and exits.
+
+A TLS server forks its rooms itself: a TLS session's state is in the server's memory,
+and a fork is the only way to hand it on. If the forker dies, the server logs it and
+forks later rooms itself; as a subreaper it adopts the forker's orphans.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import select
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from .conn import IN_ROOM, Conn
+from .fdmap import FdMap
+from .handback import HEADER, HandBack, encode, restore_conn, snapshot
+from .proctitle import FORKER_NAME, set_title
+from .workers import Worker, WorkerError, describe_exit, fork_child
+
+ANSWER_TIMEOUT = 5.0  # seconds the server waits for an answer before giving up on it
+FORKER_IGNORED = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+ORDER_FDS = 3  # the two clients' sockets, the worker's end of the channel
+
+
+class ForkerGone(Exception):
+    """The forker cannot take orders any more (it exited, or stopped answering).
+    ``ordered`` tells whether the order had reached it (then it may have forked)."""
+
+    def __init__(self, why: str, ordered: bool) -> None:
+        super().__init__(why)
+        self.ordered = ordered
+
+
+@dataclass
+class RoomOrder:
+    """What the forker needs to fork a room, besides the descriptors."""
+
+    number: int
+    slot: int
+    clients: tuple[HandBack, HandBack]
+
+
+class Forker:
+    """The server's handle on its room forker."""
+
+    def __init__(self, pid: int, sentinel: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sentinel = sentinel  # its pidfd: readable once it has exited
+        self.sock = sock
+
+    def order(
+        self, number: int, slot: int, first: Conn, second: Conn, channel: socket.socket
+    ) -> Worker:
+        """Have the forker fork room ``number`` for the pair, with ``channel`` (the
+        worker's end) and count ``slot``. The server keeps its own copies of the
+        sockets, to close once this returns. Raises WorkerError if the fork failed (the
+        forker goes on), ForkerGone if the forker is no use any more."""
+        records = (snapshot(first, first.avoid or 0), snapshot(second, second.avoid or 0))
+        try:
+            send_message(
+                self.sock, RoomOrder(number, slot, records), [first.fd, second.fd, channel.fileno()]
+            )
+        except OSError as exc:
+            raise ForkerGone(describe_failure(exc), ordered=False) from None
+        try:
+            answer, fds = read_message(self.sock, 1)
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            raise ForkerGone(describe_failure(exc), ordered=True) from None
+        kind, value = answer
+        if kind == "ok" and len(fds) == 1:
+            return Worker(value, fds[0])
+        for fd in fds:
+            os.close(fd)
+        raise WorkerError(str(value))
+
+    def stop(self, timeout: float) -> int | None:
+        """Close the server's end (the forker then reaps what it has left and exits),
+        wait up to ``timeout`` seconds, SIGKILL it if it is still there, and reap it.
+        Returns its exit code (None if it could not be reaped)."""
+        self.sock.close()
+        worker = Worker(self.pid, self.sentinel)
+        code = worker.join(timeout)
+        if code is None:
+            worker.kill()
+            code = worker.join(timeout)
+        worker.close()
+        return code
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Why talking to the forker failed, in a few words for the log."""
+    if isinstance(exc, EOFError):
+        return "it closed its socket"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {ANSWER_TIMEOUT:g} s"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def send_message(sock: socket.socket, message: Any, fds: list[int]) -> None:
+    """Send one message (length, pickle) with ``fds`` on its first bytes (blocking)."""
+    data = encode(message)
+    sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def read_message(sock: socket.socket, max_fds: int) -> tuple[Any, list[int]]:
+    """Read one whole message and the descriptors that came with it (blocking).
+    Raises EOFError if the other end closed first."""
+    fds: list[int] = []
+    head = bytearray()
+    while len(head) < HEADER.size:
+        data, got, _flags, _ = socket.recv_fds(sock, HEADER.size - len(head), max_fds)
+        fds.extend(got)
+        if not data:
+            close_all(fds)
+            raise EOFError
+        head += data
+    (size,) = HEADER.unpack(head)
+    body = bytearray(size)
+    view = memoryview(body)
+    done = 0
+    while done < size:
+        n = sock.recv_into(view[done:])
+        if not n:
+            close_all(fds)
+            raise EOFError
+        done += n
+    return pickle.loads(body), fds
+
+
+def close_all(fds: list[int]) -> None:
+    """Close each of ``fds``."""
+    for fd in fds:
+        os.close(fd)
+
+
+# -- the forker process --------------------------------------------------------------------
+
+
+def start_forker(server: Any) -> Forker:
+    """Fork the room forker from ``server`` (before it has accepted anyone). Raises
+    WorkerError. The server's end of the socketpair is marked in ``server.fds``."""
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise WorkerError(f"cannot make the forker's socket: {exc.strerror or exc}") from None
+    server.fds.own(ours.fileno())
+    try:
+        pid, sentinel = fork_child(run_forker, (server, theirs))
+    except WorkerError:
+        server.fds.disown(ours.fileno())
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    server.fds.own(sentinel)
+    ours.settimeout(ANSWER_TIMEOUT)
+    return Forker(pid, sentinel, ours)
+
+
+def run_forker(server: Any, sock: socket.socket) -> int:
+    """The forker's life: shed the server's descriptors and signal handlers, then
+    fork a room for each order until the server closes its end. Returns 0."""
+    signal.set_wakeup_fd(-1)
+    for sig in FORKER_IGNORED:  # the terminal's, or meant for the server: not ours
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    gc.disable()  # its heap stays as the server left it: each fork freezes it anyway
+    server.fds.close_all(keep=(sock.fileno(),))
+    server.fds = FdMap()  # the forker's own, for its workers to close
+    server.fds.own(sock.fileno())
+    set_title(FORKER_NAME, FORKER_NAME)
+    return ForkerLoop(server, sock).run()
+
+
+class ForkerLoop:
+    """Take orders, fork rooms, reap them: one poll over the socket and the pidfds."""
+
+    def __init__(self, server: Any, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.workers: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, room number)
+        self.taking_orders = True
+
+    def run(self) -> int:
+        """Serve until no orders can come and every worker is reaped."""
+        while self.taking_orders or self.workers:
+            for fd, _events in self.poller.poll():
+                if fd in self.workers:
+                    self.reap(fd)
+                elif self.taking_orders:
+                    self.take_order()
+        return 0
+
+    def take_order(self) -> None:
+        """Read one order, fork its room, answer; the server gone: take no more."""
+        try:
+            order, fds = read_message(self.sock, ORDER_FDS)
+        except (OSError, EOFError):
+            self.stop_orders()
+            return
+        answer, pidfd = self.fork_room(order, fds)
+        close_all(fds)
+        try:
+            send_message(self.sock, answer, [] if pidfd is None else [pidfd])
+        except OSError:
+            self.stop_orders()
+
+    def fork_room(self, order: RoomOrder, fds: list[int]) -> tuple[tuple, int | None]:
+        """Fork the room's worker. Returns the answer and the worker's pidfd (None if
+        the fork failed)."""
+        if len(fds) != ORDER_FDS:
+            return ("error", f"an order came with {len(fds)} descriptors"), None
+        try:
+            pid, pidfd = fork_child(become_room, (self.server, order, fds))
+        except WorkerError as exc:
+            return ("error", str(exc)), None
+        self.server.fds.own(pidfd)  # later workers close it
+        self.workers[pidfd] = (pid, order.number)
+        self.poller.register(pidfd, select.POLLIN)
+        return ("ok", pid), pidfd
+
+    def reap(self, pidfd: int) -> None:
+        """A worker exited: reap it, log an abnormal end as the server would."""
+        pid, number = self.workers.pop(pidfd)
+        self.poller.unregister(pidfd)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code:
+            self.server.log.error(f"room {number} worker pid {pid} {describe_exit(code)}")
+        self.server.fds.disown(pidfd)
+        os.close(pidfd)
+
+    def stop_orders(self) -> None:
+        """The server closed its end (or died): no more orders."""
+        self.taking_orders = False
+        self.poller.unregister(self.sock)
+        self.server.fds.disown(self.sock.fileno())
+        self.sock.close()
+
+
+def become_room(server: Any, order: RoomOrder, fds: list[int]) -> int:
+    """In the new worker: rebuild both clients from the order, then become the room
+    as a worker forked by the server itself would (``server.become_room``). The
+    forker's objects are frozen out of this worker's gc, which can run again."""
+    gc.enable()
+    first_fd, second_fd, channel_fd = fds
+    max_line = server.opts.max_line
+    first = rebuild_conn(first_fd, order.clients[0], max_line)
+    second = rebuild_conn(second_fd, order.clients[1], max_line)
+    channel = socket.socket(fileno=channel_fd)
+    clients = server.counts.count(order.slot)
+    return server.become_room(order.number, first, second, clients, channel)
+
+
+def rebuild_conn(fd: int, record: HandBack, max_line: int) -> Conn:
+    """A client in a room, from its socket and its record (``handback.restore_conn``)."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    conn = Conn(sock, record.peer, max_line, record.id)
+    restore_conn(conn, record)
+    conn.state = IN_ROOM
+    return conn

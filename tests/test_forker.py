@@ -1,0 +1,124 @@
+"""The room forker (forkchat/forker.py): the process that forks a plain server's rooms.
+
+Against real processes: who is whose parent, what the forker holds, what the server
+does when the forker dies or stops answering, and that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import psutil
+
+from support import (
+    DEADLINE,
+    Peer,
+    ServerProc,
+    close_all,
+    pair,
+    report,
+    socket_fds,
+    wait_until,
+)
+
+GONE_RE = r"room forker pid (\d+) (.+); the server forks the rooms itself"
+
+
+def room_pid(srv: ServerProc, number: int) -> int:
+    """The PID of room ``number``, from its own "room N opened pid P" line."""
+    return int(srv.out.wait_for(rf"room {number} opened pid (\d+)").group(1))
+
+
+def chat(writer: Peer, reader: Peer, text: str) -> None:
+    writer.send(text)
+    reader.expect(f"MSG {text}", "TURN WRITE")
+    writer.expect("TURN READ")
+
+
+def test_a_plain_server_forks_its_rooms_through_one_forker_that_holds_nothing_of_it(server):
+    forker = server.forker()
+    assert forker.ppid() == server.pid
+    assert forker.cmdline()[0] == "forkchat-forker"
+    a, b = pair(server.address)
+    c, d = pair(server.address, "carol", "dave")
+    rooms = [room_pid(server, 1), room_pid(server, 2)]
+    assert [psutil.Process(pid).ppid() for pid in rooms] == [forker.pid, forker.pid]
+    assert sorted(p.pid for p in server.children()) == sorted(rooms)
+    # The forker holds its socket to the server and nothing else that is a socket: no
+    # listener, no client (each room holds its own two and its channel).
+    assert forker.net_connections(kind="inet") == []
+    assert socket_fds(forker.pid) == 1
+    assert all(socket_fds(pid) == 3 for pid in rooms)
+    chat(a, b, "hello")
+    chat(c, d, "hi")
+    assert report(server) == (4, 2, 0, 0)
+    a.send("exit")
+    b.expect("BYE partner-exit")
+    wait_until(lambda: rooms[0] not in {p.pid for p in server.children()}, what="room 1 reaped")
+    assert report(server) == (2, 1, 0, 0)
+    close_all((a, b, c, d))
+
+
+def test_a_killed_forker_costs_no_room_and_its_orphans_are_reaped_by_the_server(server):
+    a, b = pair(server.address)
+    first = room_pid(server, 1)
+    forker = server.forker()
+    forker.kill()
+    pid, how = server.out.wait_for(GONE_RE).groups()
+    assert (int(pid), how) == (forker.pid, "killed by SIGKILL")
+    # The server, a subreaper, adopts the orphaned room; the room goes on.
+    wait_until(lambda: psutil.Process(first).ppid() == server.pid, what="room 1 adopted")
+    chat(a, b, "still here")
+    # Later rooms are forked by the server itself.
+    c, d = pair(server.address, "carol", "dave")
+    second = room_pid(server, 2)
+    assert psutil.Process(second).ppid() == server.pid
+    chat(c, d, "new room")
+    assert report(server) == (4, 2, 0, 0)
+    # The adopted room ends and is reaped by the server: no zombie is left.
+    a.send("exit")
+    b.expect("BYE partner-exit")
+    wait_until(lambda: not psutil.pid_exists(first), what="adopted room reaped")
+    assert report(server) == (2, 1, 0, 0)
+    assert server.out.count("forks the rooms itself") == 1
+    close_all((a, b, c, d))
+
+
+def test_a_stopped_forker_is_given_up_on_and_the_next_pair_gets_a_room():
+    srv = ServerProc("--no-color")
+    try:
+        forker = srv.forker()
+        forker.suspend()
+        a = Peer(srv.address, "alice")
+        a.expect("WAIT ")
+        b = Peer(srv.address, "bob")
+        # Its answer never comes: after the deadline the pair is told, the forker is
+        # killed and reaped, and the server forks the next room itself.
+        b.expect("BYE error", timeout=DEADLINE)
+        a.expect("BYE error")
+        pid, how = srv.out.wait_for(GONE_RE).groups()
+        assert (int(pid), how) == (forker.pid, "failed (no answer within 5 s)")
+        wait_until(lambda: not psutil.pid_exists(forker.pid), what="forker reaped")
+        c, d = pair(srv.address, "carol", "dave")
+        assert psutil.Process(room_pid(srv, 1)).ppid() == srv.pid  # room 1 never opened
+        chat(c, d, "hello")
+        close_all((a, b, c, d))
+    finally:
+        srv.stop()
+
+
+def test_the_forker_ignores_the_terminal_and_leaves_with_the_server(server):
+    forker = server.forker()
+    a, b = pair(server.address)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        forker.send_signal(sig)  # what a terminal or a group kill sends it too
+    chat(a, b, "hello")
+    assert forker.is_running() and forker.status() != psutil.STATUS_ZOMBIE
+    server.signal(signal.SIGUSR1)
+    a.expect("BYE shutdown")
+    b.expect("BYE shutdown")
+    close_all((a, b))
+    assert server.wait_exit() == 0
+    # The server reaped it before its last line: nothing of it is left.
+    assert not psutil.pid_exists(forker.pid)
+    assert server.out.lines[-1] == "SERVER WILL DISCONNECT"
