@@ -205,13 +205,15 @@ def run_forker(server: Any, sock: socket.socket) -> int:
 
 
 class ForkerLoop:
-    """Take orders, fork rooms, reap them: one poll over the socket and the pidfds."""
+    """Take orders, fork rooms, reap them: one epoll over the socket and the pidfds
+    (epoll: a wake-up costs the same with five thousand rooms as with one)."""
 
     def __init__(self, server: Any, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
+        self.poller = select.epoll()
+        server.fds.own(self.poller.fileno())  # its workers close it
+        self.poller.register(sock, select.EPOLLIN)
         self.workers: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, room number)
         self.taking_orders = True
 
@@ -250,7 +252,7 @@ class ForkerLoop:
             return ("error", str(exc)), None
         self.server.fds.own(pidfd)  # later workers close it
         self.workers[pidfd] = (pid, order.number)
-        self.poller.register(pidfd, select.POLLIN)
+        self.poller.register(pidfd, select.EPOLLIN)
         return ("ok", pid), pidfd
 
     def reap(self, pidfd: int) -> None:

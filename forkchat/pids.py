@@ -1,4 +1,4 @@
-"""forkchat pids: list the server, its room workers and its clients on a port, or signal them.
+"""forkchat pids: list the server, its room forker, rooms and clients on a port, or signal them.
 
 Usage:
   pids [--port PORT] [--json] [--signal SIG [--all]]
@@ -14,11 +14,13 @@ Options:
   --version      Show the version.
 
 The server is the forkchat server listening on PORT (a process named forkchat-server:
-anything else holding the port is named on stderr, and neither listed nor signalled),
-the rooms are its children, named "#N:alice+bob" after their process title, the clients
-are the processes connected to it. SIGUSR2 makes the server print its client count
-(and bin/client print a status line); SIGUSR1 or SIGTERM shut the server down (and,
-sent to clients with --all, make them leave).
+anything else holding the port is named on stderr, and neither listed nor signalled).
+The rooms are its descendants, named "#N:alice+bob" after their process title: forked
+by its room forker (its child forkchat-forker, listed between the server and the rooms,
+never signalled), or by the server itself (with TLS, or once the forker is gone). The
+clients are the processes connected to it. SIGUSR2 makes the server print its client
+count (and bin/client print a status line); SIGUSR1 or SIGTERM shut the server down
+(and, sent to clients with --all, make them leave).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import psutil
 from . import __version__
 from .args import UsageError, parse_port, parse_usage
 from .conn import format_peer
+from .proctitle import FORKER_NAME, ROOM_NAME
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -66,12 +69,14 @@ class Options:
 
 @dataclass
 class Entry:
-    """One row: a server, a room worker or a client connection.
+    """One row: a server, its room forker, a room worker or a client connection.
 
     ``pid`` and ``ppid`` are None for another user's process that psutil cannot see.
     ``room`` (rooms only) is the room's number, from its process title, when it has one.
     ``holder`` (clients only) is the PID of the server or room holding the other end;
     ``ends`` (server and rooms only) the (local, remote) addresses of its connections.
+    A forker has no name, address, peers or ends: it holds no client for longer than
+    it takes to fork its room, and the server holds that client too meanwhile.
     """
 
     role: str
@@ -172,15 +177,20 @@ def parent_listener(proc: psutil.Process, port: int) -> psutil.Process | None:
     return parent if parent is not None and listens_on(parent, port) else None
 
 
-def is_forkchat_server(name: str, cmdline: list[str]) -> bool:
-    """True for a forkchat server, from its process name (comm, or what psutil's
-    ``name()`` made of it) and its command line: either begins with ``forkchat-server``.
+def is_named(name: str, cmdline: list[str], title: str) -> bool:
+    """True if a process's name (comm, or what psutil's ``name()`` made of it) or its
+    command line begins with ``title`` (``forkchat-server``, ``forkchat-room``...).
 
     The command line may be a title set with setproctitle, one string padded with empty
     ones (``['forkchat-server --port 0', '', '']``) or split on spaces.
     """
     words = " ".join(cmdline).split()
-    return name.split(" ")[0] == SERVER_TITLE or bool(words and words[0].startswith(SERVER_TITLE))
+    return name.split(" ")[0] == title or bool(words and words[0].startswith(title))
+
+
+def is_forkchat_server(name: str, cmdline: list[str]) -> bool:
+    """True for a forkchat server: its name or command line begins with forkchat-server."""
+    return is_named(name, cmdline, SERVER_TITLE)
 
 
 def room_title(cmdline: list[str]) -> tuple[int, str] | None:
@@ -278,8 +288,9 @@ def port_sockets(proc: psutil.Process, port: int) -> list[Any]:
 def sockets_by_pid(conns: list[Any], port: int) -> dict[int, list[Any]]:
     """The system-wide view's sockets whose local port is ``port``, by the PID it credits.
 
-    A room worker's two sockets are its own once the parent has closed its copies, a
-    moment after the fork; reading them here saves parsing the socket table per room.
+    A room worker's two sockets are its own once the server (and the forker, if it
+    forked the room) have closed their copies, a moment after the fork; reading them
+    here saves parsing the socket table per room.
     """
     by_pid: dict[int, list[Any]] = {}
     for c in conns:
@@ -364,7 +375,8 @@ def list_tcp() -> list[Any]:
 
 
 def survey(port: int, conns: list[Any] | None = None) -> list[Entry]:
-    """The server(s) on ``port``, their rooms, then their clients, in that order.
+    """The server(s) on ``port``, each followed by its forker and rooms, then their
+    clients, in that order.
 
     ``conns`` is the system-wide socket list (``psutil.net_connections``), read once
     when not given; the server's own sockets are read for it alone, since the listener
@@ -380,7 +392,7 @@ def survey(port: int, conns: list[Any] | None = None) -> list[Entry]:
             family.append(describe_family(server, "server", port_sockets(server, port), now))
         except psutil.NoSuchProcess:
             continue
-        family.extend(describe_rooms(server, by_pid, now))
+        family.extend(describe_descendants(server, by_pid, now))
     if not any(e.role == "server" for e in family):
         raise LookupFailed(f"no server listening on port {port} (start one with make run)")
     clients = find_clients(conns, family, now)
@@ -388,26 +400,76 @@ def survey(port: int, conns: list[Any] | None = None) -> list[Entry]:
     return family + order_clients(clients, family)
 
 
-def describe_rooms(server: psutil.Process, by_pid: dict[int, list[Any]], now: float) -> list[Entry]:
-    """The server's children, oldest first; those that exit meanwhile are left out."""
-    rooms = []
+def describe_descendants(
+    server: psutil.Process, by_pid: dict[int, list[Any]], now: float
+) -> list[Entry]:
+    """The server's room forker, then its rooms, oldest first, at whatever depth they
+    run; those that exit meanwhile are left out."""
     try:
-        children = server.children()
+        descendants = server.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    for child in children:
+    entries = []
+    for proc, role, cmdline in sort_descendants(server.pid, descendants):
+        entry = describe_descendant(proc, role, cmdline, by_pid, now)
+        if entry is not None:
+            entries.append(entry)
+    rooms = sorted((e for e in entries if e.role == "room"), key=lambda e: (-(e.age or 0), e.pid))
+    return [e for e in entries if e.role == "forker"] + rooms
+
+
+def sort_descendants(
+    server_pid: int, descendants: list[psutil.Process]
+) -> list[tuple[psutil.Process, str, list[str]]]:
+    """(process, ``forker`` or ``room``, command line) for the forker and the rooms
+    among a server's descendants; those that exit meanwhile are left out.
+
+    The forker is a child of the server named forkchat-forker. A room is a descendant
+    named forkchat-room, or any other child of the server or of the forker: an older
+    server's room, or one forked a moment ago that still bears its parent's name.
+    """
+    known = []
+    for proc in descendants:
         try:
-            room = describe_family(child, "room", by_pid.get(child.pid, []), now)
-            room.room, room.name = room_title(read_identity(child)[1]) or (None, None)
+            known.append((proc, proc.ppid(), *read_identity(proc)))
         except psutil.NoSuchProcess:
             continue
-        rooms.append(room)
-    return sorted(rooms, key=lambda e: (-(e.age or 0), e.pid))
+    forkers = {
+        proc.pid
+        for proc, ppid, name, cmdline in known
+        if ppid == server_pid and is_named(name, cmdline, FORKER_NAME)
+    }
+    parents = forkers | {server_pid}
+    return [
+        (proc, "forker" if proc.pid in forkers else "room", cmdline)
+        for proc, ppid, name, cmdline in known
+        if ppid in parents or is_named(name, cmdline, ROOM_NAME)
+    ]
+
+
+def describe_descendant(
+    proc: psutil.Process,
+    role: str,
+    cmdline: list[str],
+    by_pid: dict[int, list[Any]],
+    now: float,
+) -> Entry | None:
+    """The entry for the forker or a room; None if it has exited. The forker's sockets
+    are left unread (see Entry); a room is named by its title when it has one."""
+    socks = by_pid.get(proc.pid, []) if role == "room" else []
+    try:
+        entry = describe_family(proc, role, socks, now)
+    except psutil.NoSuchProcess:
+        return None
+    if role == "room":
+        entry.room, entry.name = room_title(cmdline) or (None, None)
+    return entry
 
 
 def find_clients(conns: list[Any], family: list[Entry], now: float) -> list[Entry]:
-    """The client connections: established sockets, outside the server and its rooms,
-    whose remote end is the listening address or a socket the server or a room holds."""
+    """The client connections: established sockets, outside the server, its forker and
+    its rooms, whose remote end is the listening address or a socket the server or a
+    room holds."""
     listen = {a for e in family if e.role == "server" for a in e.address.split()}
     ends = {end: e.pid for e in family for end in e.ends}
     pids = {e.pid for e in family}
@@ -502,7 +564,8 @@ def render_json(entries: list[Entry]) -> str:
 
 
 def signal_targets(entries: list[Entry], everyone: bool) -> list[Entry]:
-    """The server(s), then with ``everyone`` each client process once."""
+    """The server(s), then with ``everyone`` each client process once: never the forker
+    or a room (the server passes its shutdown on to them itself)."""
     targets, seen = [], set()
     for e in entries:
         wanted = e.role == "server" or (everyone and e.role == "client")

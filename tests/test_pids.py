@@ -1,5 +1,6 @@
 """bin/pids against real processes: a server with rooms, a waiting client and clients that
-are processes of their own, and a listener shared after fork."""
+are processes of their own, a listener shared after fork, and a server's family in every
+shape (rooms forked by the room forker, and by the server itself)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +18,16 @@ import psutil
 import pytest
 
 from forkchat import pids
-from support import DEADLINE, LISTEN_RE, OutputTail, child_env, reap_tree, run_bin
+from support import (
+    DEADLINE,
+    LISTEN_RE,
+    OutputTail,
+    ServerProc,
+    child_env,
+    reap_tree,
+    run_bin,
+    wait_until,
+)
 
 # A stand-in for bin/client: ``[NAME] --port PORT``. Prints its own address, sends the
 # name if given, then prints every line from the server until the server closes.
@@ -64,6 +75,70 @@ print(sock.getsockname()[1], child, flush=True)
 sys.stdin.buffer.read()
 os.waitpid(child, 0)
 """
+
+
+# A server's family in every shape at once, built by hand. The parent (comm
+# forkchat-server) listens and forks the forker (titled forkchat-forker, the listener
+# closed) and a room of its own, #2 (what a TLS server does, or one that lost its
+# forker). The forker forks a room, #1, and a child that has not named itself yet (still
+# forkchat-forker: a room a moment after its fork). Each prints its children's PIDs;
+# all wait for stdin to close, and each parent reaps its children.
+FAMILY_CODE = """\
+import os, socket, sys
+from setproctitle import setproctitle
+def name(comm, title=None):
+    if title:
+        setproctitle(title)
+    with open("/proc/self/comm", "w") as f:
+        f.write(comm)
+def child(body):
+    pid = os.fork()
+    if pid == 0:
+        body()
+        sys.stdin.buffer.read()
+        os._exit(0)
+    return pid
+def forker():
+    sock.close()
+    name("forkchat-forker", "forkchat-forker")
+    room = child(lambda: name("forkchat-room", "forkchat-room 1 alice+bob"))
+    unnamed = child(lambda: None)
+    print("forker", os.getpid(), room, unnamed, flush=True)
+    sys.stdin.buffer.read()
+    os.waitpid(room, 0)
+    os.waitpid(unnamed, 0)
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen()
+name("forkchat-server")
+pids = [child(forker), child(lambda: name("forkchat-room", "forkchat-room 2 carol+dave"))]
+print("server", sock.getsockname()[1], pids[1], flush=True)
+sys.stdin.buffer.read()
+for pid in pids:
+    os.waitpid(pid, 0)
+"""
+
+
+def descendants_named(pid: int, name: str) -> dict[int, int]:
+    """{pid: ppid} of the live descendants of ``pid`` whose comm is ``name``, at any
+    depth: a plain-TCP server's rooms are its room forker's children, a TLS server's its
+    own. Read here, not through ServerProc, so the test says what it counts."""
+    found = {}
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            if proc.name() == name:
+                found[proc.pid] = proc.ppid()
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def forkers_of(pid: int) -> dict[int, int]:
+    return descendants_named(pid, "forkchat-forker")
+
+
+def rooms_of(pid: int) -> dict[int, int]:
+    return descendants_named(pid, "forkchat-room")
 
 
 @dataclass
@@ -162,7 +237,14 @@ def pids_json(port: int) -> list[dict]:
 def test_json_reports_every_pid_right(server, crowd):
     started, rooms = crowd
     entries = pids_json(server.port)
-    assert [e["role"] for e in entries] == ["server", "room", "room", *["client"] * 6]
+    forkers, room_parents = forkers_of(server.pid), rooms_of(server.pid)
+    assert [e["role"] for e in entries] == [
+        "server",
+        *["forker"] * len(forkers),
+        "room",
+        "room",
+        *["client"] * 6,
+    ]
     here = f"127.0.0.1:{server.port}"
 
     srv = entries[0]
@@ -171,10 +253,11 @@ def test_json_reports_every_pid_right(server, crowd):
     assert srv["peers"] == sorted(c.address for c in waiting)
 
     found_rooms = {e["pid"]: e for e in entries if e["role"] == "room"}
-    assert set(found_rooms) == set(rooms) == {p.pid for p in server.children()}
+    assert set(found_rooms) == set(rooms) == set(room_parents)
     for pid, (first, second) in rooms.items():
         room = found_rooms[pid]
-        assert room["ppid"] == server.pid and room["address"] == here
+        assert room["ppid"] == room_parents[pid] in {server.pid, *forkers}
+        assert room["address"] == here
         assert set(room["peers"]) == {first.address, second.address}
         if room["room"] is None:  # named after its clients, in the order of its peers
             names = dict(zip(room["peers"], room["name"].split("+"), strict=True))
@@ -208,12 +291,63 @@ def test_table_lists_the_same_processes(server, crowd):
         (f[0], int(f[1]), int(f[2]), frozenset(n.split("+")))
         for f, n in zip(rows, names, strict=True)
     }
+    room_parents = rooms_of(server.pid)
     want = {("server", server.pid, me, frozenset("-"))}
+    want |= {("forker", pid, server.pid, frozenset("-")) for pid in forkers_of(server.pid)}
     want |= {
-        ("room", pid, server.pid, frozenset((a.name, b.name))) for pid, (a, b) in rooms.items()
+        ("room", pid, room_parents[pid], frozenset((a.name, b.name)))
+        for pid, (a, b) in rooms.items()
     }
     want |= {("client", c.pid, me, frozenset([c.name or "-"])) for c in started}
     assert got == want and len(rows) == len(want)
+
+
+def test_the_room_forker_is_listed_between_the_server_and_its_rooms(server, crowd):
+    """A plain-TCP server forks one room forker, which forks the rooms: its line comes
+    right after the server's, with no name, address or peers, and it holds no client."""
+    _, rooms = crowd
+    (forker,) = forkers_of(server.pid)
+    entries = pids_json(server.port)
+    assert entries[1] == {
+        "role": "forker",
+        "pid": forker,
+        "ppid": server.pid,
+        "name": None,
+        "address": "-",
+        "peers": [],
+        "age": entries[1]["age"],
+        "holder": None,
+        "note": None,
+        "room": None,
+    }
+    assert 0 <= entries[1]["age"] < DEADLINE
+    assert {e["pid"]: e["ppid"] for e in entries if e["role"] == "room"} == dict.fromkeys(
+        rooms, forker
+    )
+    assert forker not in {e["holder"] for e in entries if e["role"] == "client"}
+    table = run_pids("--port", str(server.port)).stdout.splitlines()
+    assert table[2].split()[:6] == ["forker", str(forker), str(server.pid), "-", "-", "-"]
+    assert [line.split()[0] for line in table[1:]] == [e["role"] for e in entries]
+
+
+def test_a_tls_server_has_no_forker_its_rooms_are_its_children(tls_pair):
+    from test_tls import pair_up  # the TLS tests' clients, shared here
+
+    srv = ServerProc("--no-color", "--tls-cert", tls_pair[0], "--tls-key", tls_pair[1])
+    try:
+        pair = pair_up(srv.address, ssl.create_default_context(cafile=tls_pair[0]))
+        room = int(srv.out.wait_for(r"room \d+ opened pid (\d+)").group(1))
+        entries = pids_json(srv.port)
+        assert roles(entries) == [
+            ("server", srv.pid, os.getpid()),
+            ("room", room, srv.pid),
+            ("client", os.getpid(), os.getppid()),
+            ("client", os.getpid(), os.getppid()),
+        ]
+        assert [e["holder"] for e in entries[2:]] == [room, room]
+        assert {e["address"] for e in entries[2:]} == {c.here for c in pair}
+    finally:
+        srv.stop()
 
 
 def test_default_port_is_33016():
@@ -269,6 +403,16 @@ def test_signal_with_json_reports_each_target(server, clients):
         ("server", server.pid, "SIGCONT", "sent"),
         ("client", alice.pid, "SIGCONT", "sent"),
     ]
+
+
+def test_signal_targets_are_the_server_and_clients_never_the_forker_or_a_room():
+    def entry(role: str, pid: int) -> pids.Entry:
+        return pids.Entry(role, pid, 1, None, "-", [], 0.0)
+
+    family = [entry(role, pid) for pid, role in enumerate(["server", "forker", "room"], 10)]
+    clients = [entry("client", 20), entry("client", 20), entry("client", 21)]
+    assert [e.pid for e in pids.signal_targets(family + clients, False)] == [10]
+    assert [e.pid for e in pids.signal_targets(family + clients, True)] == [10, 20, 21]
 
 
 def test_no_server_on_the_port_is_one_line_and_exit_1(server):
@@ -350,7 +494,8 @@ def test_shared_listener_whichever_holder_psutil_credits(shared_listener, credit
 def test_server_listen_line_matches_what_pids_reports(server):
     entries = pids_json(server.port)
     m = LISTEN_RE.search(server.out.lines[0])
-    assert roles(entries) == [("server", int(m.group(3)), os.getpid())]
+    forkers = [("forker", pid, server.pid) for pid in forkers_of(server.pid)]
+    assert roles(entries) == [("server", int(m.group(3)), os.getpid()), *forkers]
     assert entries[0]["address"] == f"{m.group(1)}:{m.group(2)}"
 
 
@@ -386,3 +531,79 @@ def test_a_listener_that_is_not_forkchat_is_named_not_signalled(shared_listener,
         "which is not a forkchat server; not listed, not signalled\n"
     )
     assert listener.status() != psutil.STATUS_ZOMBIE and psutil.Process(child).is_running()
+
+
+# -- a server's family in every shape ------------------------------------------------------
+
+
+@pytest.fixture
+def family():
+    """{what: pid} of a server family built by FAMILY_CODE, and its port, until the test
+    ends: server, forker, forker_room (#1), unnamed (the forker's), server_room (#2)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FAMILY_CODE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+        start_new_session=True,
+    )
+    try:
+        out = OutputTail(proc.stdout)
+        port, server_room = map(int, out.wait_for(r"^server (\d+) (\d+)$").groups())
+        forker, forker_room, unnamed = map(
+            int, out.wait_for(r"^forker (\d+) (\d+) (\d+)$").groups()
+        )
+        # each child names itself after its fork: wait until every one has
+        names = {server_room: "forkchat-room", forker_room: "forkchat-room"}
+        wait_until(
+            lambda: all(psutil.Process(p).name() == n for p, n in names.items()),
+            what="rooms named",
+        )
+        yield (
+            port,
+            {
+                "server": proc.pid,
+                "forker": forker,
+                "forker_room": forker_room,
+                "unnamed": unnamed,
+                "server_room": server_room,
+            },
+        )
+        proc.stdin.close()
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        reap_tree(proc)
+
+
+def test_rooms_at_both_levels_and_the_forker_are_listed(family):
+    """The forker (a child named forkchat-forker) after the server, then every room:
+    the forker's, titled or not named yet, and the server's own."""
+    port, pid = family
+    entries = pids_json(port)
+    me = os.getpid()
+    assert [(e["role"], e["pid"], e["ppid"]) for e in entries[:2]] == [
+        ("server", pid["server"], me),
+        ("forker", pid["forker"], pid["server"]),
+    ]
+    assert (entries[1]["name"], entries[1]["address"], entries[1]["peers"]) == (None, "-", [])
+    rooms = {(e["role"], e["pid"], e["ppid"], e["room"], e["name"]) for e in entries[2:]}
+    assert rooms == {
+        ("room", pid["forker_room"], pid["forker"], 1, "alice+bob"),
+        ("room", pid["unnamed"], pid["forker"], None, None),
+        ("room", pid["server_room"], pid["server"], 2, "carol+dave"),
+    }
+    assert len(entries) == 5
+    table = run_pids("--port", str(port)).stdout.splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["server", "forker", "room", "room", "room"]
+    assert table[2].split()[:6] == ["forker", str(pid["forker"]), str(pid["server"]), "-", "-", "-"]
+
+
+@pytest.mark.parametrize("args", [("--signal", "CONT"), ("--signal", "CONT", "--all")])
+def test_the_forker_and_the_rooms_are_never_signalled(family, args):
+    port, pid = family
+    done = run_pids("--port", str(port), "--json", *args)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [(r["role"], r["pid"], r["result"]) for r in report] == [
+        ("server", pid["server"], "sent")
+    ]

@@ -33,6 +33,7 @@ from .procstats import (
     MIB,
     ROOM_ESTIMATE,
     check_room_for,
+    children_of,
     mem_available,
     memory_floor,
     memory_of,
@@ -118,15 +119,17 @@ def hold_steps(rooms: int) -> list[tuple[int, bool]]:
 
 
 def server_memory(target: ServerHandle) -> dict:
-    """The server's processes: how many, USS and PSS sums, newest and oldest worker USS."""
-    workers = workers_by_age(target.pid)
+    """The server's processes (itself and all it forked: room workers, forkchat's room
+    forker): how many, USS and PSS sums, the server's RSS, and the USS of the oldest and
+    newest room worker (the forker is none)."""
     parent = memory_of(target.pid)
-    sizes = [memory_of(pid) for pid in workers]
-    uss = [m.uss for m in sizes if m.uss]
+    forked = {pid: memory_of(pid) for pid in children_of(target.pid, recursive=True)}
+    workers = [forked[pid] for pid in workers_by_age(target.pid) if pid in forked]
+    uss = [m.uss for m in workers if m.uss]
     return {
-        "processes": 1 + len(workers),
-        "total_uss_mib": mib(parent.uss + sum(m.uss for m in sizes)),
-        "total_pss_mib": mib(parent.pss + sum(m.pss for m in sizes)),
+        "processes": 1 + len(forked),
+        "total_uss_mib": mib(parent.uss + sum(m.uss for m in forked.values())),
+        "total_pss_mib": mib(parent.pss + sum(m.pss for m in forked.values())),
         "parent_rss_mib": mib(parent.rss),
         "oldest_uss_mib": mib(uss[0]) if uss else None,
         "newest_uss_mib": mib(uss[-1]) if uss else None,

@@ -1,8 +1,12 @@
 """What the kernel says about the processes under test and the machine.
 
-CPU time comes from ``/proc/PID/schedstat`` (nanoseconds on the CPU) for the live
-processes, plus the parent's ``cutime + cstime`` from ``/proc/PID/stat`` for the
-children it has reaped, so a room worker that exits during a phase still counts.
+CPU time comes from ``/proc/PID/schedstat`` (nanoseconds on the CPU) for the server and
+each of its live descendants, plus each one's ``cutime + cstime`` from
+``/proc/PID/stat`` for the children it has reaped, so a room worker that exits during a
+phase still counts, whether the server or its room forker reaped it.
+A forkchat server's room workers are its descendants named ``forkchat-room``, at any
+depth (the room forker's children, or the server's own); the reference relay's are its
+children.
 Memory comes from ``/proc/PID/smaps_rollup`` (USS: private pages; PSS: private pages
 plus a share of the shared ones) and ``/proc/meminfo`` (``MemAvailable``).
 A process that vanishes while it is read counts as nothing, never as an error.
@@ -27,6 +31,8 @@ MIB = 1 << 20
 GONE = (FileNotFoundError, ProcessLookupError, PermissionError)
 ROOM_ESTIMATE = int(3.5 * MIB)  # a room's memory, for the check before opening rooms
 FLOOR_MIN = 2048 * MIB  # MemAvailable the bench leaves the machine, at least
+SERVER_COMM = "forkchat-server"  # the comms forkchat gives its processes (proctitle.py)
+ROOM_COMM = "forkchat-room"
 
 
 def read_stat_fields(pid: int) -> list[str]:
@@ -65,18 +71,39 @@ def start_ticks(pid: int) -> int:
         return 0
 
 
-def children_of(pid: int) -> list[int]:
-    """PIDs of the live children of ``pid``."""
+def comm_of(pid: int) -> str:
+    """``/proc/PID/comm``, the process's short name; empty if it is gone."""
     try:
-        return [child.pid for child in psutil.Process(pid).children()]
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().decode(errors="replace").rstrip("\n")
+    except GONE:
+        return ""
+
+
+def children_of(pid: int, recursive: bool = False) -> list[int]:
+    """PIDs of the live children of ``pid`` (with ``recursive``, of its descendants)."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=recursive)]
     except psutil.NoSuchProcess:
         return []
 
 
+def room_workers_of(pid: int) -> list[int]:
+    """PIDs of the live room workers of the server ``pid``: for a forkchat server (comm
+    ``forkchat-server``) its descendants named ``forkchat-room``, at any depth, and never
+    its room forker; for any other (the reference relay, whose rooms are multiprocessing
+    children named as the interpreter is) its children."""
+    if comm_of(pid) != SERVER_COMM:
+        return children_of(pid)
+    return [child for child in children_of(pid, recursive=True) if comm_of(child) == ROOM_COMM]
+
+
 def tree_cpu_ns(pid: int) -> int:
-    """CPU time of ``pid``, its live children and the children it reaped, in ns.
+    """CPU time of ``pid`` and its live descendants, and of the children each of them
+    reaped, in ns: a room worker reaped by the server or by the room forker counts.
     The difference of two readings is what the server did in between."""
-    return cpu_ns(pid) + reaped_children_ns(pid) + sum(cpu_ns(c) for c in children_of(pid))
+    family = [pid, *children_of(pid, recursive=True)]
+    return sum(cpu_ns(member) + reaped_children_ns(member) for member in family)
 
 
 @dataclass(frozen=True)
@@ -104,8 +131,8 @@ def memory_of(pid: int) -> Memory:
 
 
 def workers_by_age(pid: int) -> list[int]:
-    """The children of ``pid``, oldest first."""
-    return sorted(children_of(pid), key=lambda child: (start_ticks(child), child))
+    """The room workers of the server ``pid`` (``room_workers_of``), oldest first."""
+    return sorted(room_workers_of(pid), key=lambda child: (start_ticks(child), child))
 
 
 def meminfo() -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The servers under test: forkchat (``bin/server``) and the reference relay, each started
 as its own process on a free port, ready when it prints its listen line, stopped and
-reaped with its room workers after the run. Only their command lines and the wire
-protocol are used, never their code."""
+reaped with what it forked (room workers, forkchat's room forker) after the run. Only
+their command lines, process names and the wire protocol are used, never their code."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 
 from . import reference
+from .procstats import room_workers_of
 from .settings import BenchError, Settings
 
 START_TIMEOUT = 10.0  # seconds for a server to print its listen line
@@ -133,10 +134,16 @@ def check_server(handle: ServerHandle) -> None:
         )
 
 
-def room_workers(handle: ServerHandle) -> list[psutil.Process]:
-    """The server's children: its room workers."""
+def room_workers(handle: ServerHandle) -> list[int]:
+    """PIDs of the server's room workers, at any depth, never forkchat's room forker
+    (``procstats.room_workers_of``)."""
+    return room_workers_of(handle.pid)
+
+
+def forked_by(handle: ServerHandle) -> list[psutil.Process]:
+    """Every live descendant of the server: room workers, and forkchat's room forker."""
     try:
-        return psutil.Process(handle.pid).children()
+        return psutil.Process(handle.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
 
@@ -160,10 +167,11 @@ def wait_rooms_closed(handle: ServerHandle, timeout: float) -> None:
 
 def stop_server(handle: ServerHandle) -> None:
     """SIGTERM our server, SIGKILL it past STOP_TIMEOUT, then kill and reap what is left
-    of its room workers. A server we did not start is left alone."""
+    of what it forked (room workers, room forker). A server we did not start is left
+    alone."""
     if handle.proc is None:
         return
-    workers = room_workers(handle)
+    forked = forked_by(handle)
     if handle.proc.poll() is None:
         handle.proc.send_signal(signal.SIGTERM)
     try:
@@ -171,12 +179,12 @@ def stop_server(handle: ServerHandle) -> None:
     except subprocess.TimeoutExpired:
         handle.proc.kill()
         handle.proc.wait(STOP_TIMEOUT)
-    for proc in workers:
+    for proc in forked:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(workers, timeout=STOP_TIMEOUT)
+    psutil.wait_procs(forked, timeout=STOP_TIMEOUT)
     handle.log.close()
 
 
