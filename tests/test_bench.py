@@ -410,8 +410,12 @@ def test_quick_run_against_the_reference_measures_every_figure_and_ratio(tmp_pat
         mem = figures["memory"]
         assert mem["workers"] == s["uss_rooms"]
         assert 0 < mem["uss_p50_mib"] <= mem["uss_max_mib"] < 64
+        burst = figures["pairing_burst"]
+        assert (burst["paired"], burst["refused"]) == (s["burst"], 0)
+        assert burst["rooms_per_second"] > 0
 
     ratios = r["ratios"]
+    assert_ratio(ratios["burst_rooms_per_second"])
     assert_ratio(ratios["round_trip_p50"])
     assert_ratio(ratios["round_trip_p99"])
     assert_ratio(ratios["uss_p50"])

@@ -95,8 +95,15 @@ def run_phases(bench: Bench) -> None:
     """Every phase in order; each result lands in ``bench.results`` as soon as it is in."""
     r = bench.results
     r["pairing_sequential"] = phase_sequential(bench)
-    r["pairing_burst"] = phase_burst(bench)
+    r["pairing_burst"] = phase_burst(bench, bench.forkchat)
+    if bench.settings.ref:
+        r["reference"] = {"pairing_burst": phase_burst(bench, bench.servers["reference"])}
     phase_reps(bench)
+    if bench.settings.ref:
+        r["ratios"]["burst_rooms_per_second"] = ratio(
+            r["pairing_burst"]["rooms_per_second"],
+            r["reference"]["pairing_burst"]["rooms_per_second"],
+        )
     r["memory"] = phase_uss(bench, bench.forkchat)
     if bench.settings.ref:
         r["reference"]["memory"] = phase_uss(bench, bench.servers["reference"])

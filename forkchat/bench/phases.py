@@ -180,10 +180,13 @@ def phase_sequential(bench: Bench) -> dict:
     return {"pairs": s.pairs, "ms": summarize(report["latencies_ns"], 1e6)}
 
 
-def phase_burst(bench: Bench) -> dict:
-    """``--burst`` clients connect at once; each one's connect -> PAIRED; rooms per second."""
-    s, target = bench.settings, bench.forkchat
-    bench.progress.phase(f"pairing, burst of {s.burst} clients at once")
+def phase_burst(bench: Bench, target: ServerHandle) -> dict:
+    """``--burst`` clients connect at once; each one's connect -> PAIRED; rooms per second.
+
+    The reference relay sends PAIRED before it forks, forkchat's room after: the
+    reference's latencies leave its fork out, its rooms per second do not."""
+    s = bench.settings
+    bench.progress.phase(f"pairing, burst of {s.burst} clients at once ({target.name})")
     check_room_for(s.burst // 2, ROOM_ESTIMATE, memory_floor(), "burst")
     with bench.swarm(target) as d:
         reports = connect_clients(bench, d, s.burst, s.burst, "burst")

@@ -200,6 +200,16 @@ def comparison_rows(results: dict) -> list[Row]:
                 format_ratio(r["cpu_per_message"]),
             )
         )
+    if "pairing_burst" in ref:
+        mine, theirs = ours["pairing_burst"], ref["pairing_burst"]
+        rows.append(
+            (
+                f"burst of {mine['clients']}: rooms opened per second",
+                f"{mine['rooms_per_second']:,.0f}",
+                f"{theirs['rooms_per_second']:,.0f}",
+                format_ratio(ratios.get("burst_rooms_per_second")),
+            )
+        )
     if "memory" in ref and "memory" in ours:
         mine, theirs = ours["memory"]["uss_p50_mib"], ref["memory"]["uss_p50_mib"]
         rows.append(
