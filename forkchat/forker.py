@@ -20,6 +20,12 @@ program), and the server waits for the answer as it would wait for ``fork()`` it
   clients' sockets and the worker's end of the room's channel;
 - answer: ``("ok", pid)`` with the worker's pidfd, or ``("error", text)``.
 
+A new worker touches nothing (clients, count slot) until the server, holding its pidfd,
+lets it go with one byte on the room's channel. If the answer is lost (the forker died
+or stalled after its fork, or the server had no fd left for the pidfd), the server
+closes its end of that channel instead, and the worker exits without a word: a failed
+order never leaves a room behind, whatever the forker did.
+
 The forker reaps its workers through their pidfds and logs an abnormal exit as the
 server would. The server watches and signals each worker through its own pidfd
 (``workers.Worker``). When the server closes its end (shutdown, or the server died)
@@ -44,21 +50,20 @@ from typing import Any
 from .conn import IN_ROOM, Conn
 from .fdmap import FdMap
 from .handback import HEADER, HandBack, encode, restore_conn, snapshot
+from .log import Log
 from .proctitle import FORKER_NAME, set_title
+from .room import PARENT_SIGNALS
 from .workers import Worker, WorkerError, describe_exit, fork_child
 
 ANSWER_TIMEOUT = 5.0  # seconds the server waits for an answer before giving up on it
+KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed forker to exit
+GO = b"\x01"  # the server's go-ahead to a new worker, on the room's channel
 FORKER_IGNORED = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 ORDER_FDS = 3  # the two clients' sockets, the worker's end of the channel
 
 
 class ForkerGone(Exception):
-    """The forker cannot take orders any more (it exited, or stopped answering).
-    ``ordered`` tells whether the order had reached it (then it may have forked)."""
-
-    def __init__(self, why: str, ordered: bool) -> None:
-        super().__init__(why)
-        self.ordered = ordered
+    """The forker cannot take orders any more (it exited, or stopped answering)."""
 
 
 @dataclass
@@ -83,24 +88,23 @@ class Forker:
     ) -> Worker:
         """Have the forker fork room ``number`` for the pair, with ``channel`` (the
         worker's end) and count ``slot``. The server keeps its own copies of the
-        sockets, to close once this returns. Raises WorkerError if the fork failed (the
-        forker goes on), ForkerGone if the forker is no use any more."""
+        sockets, to close once the room is under way; the worker waits for :data:`GO`
+        on the channel. Raises WorkerError if no worker can be watched (the forker goes
+        on), ForkerGone if the forker is no use any more."""
         records = (snapshot(first, first.avoid or 0), snapshot(second, second.avoid or 0))
         try:
             send_message(
                 self.sock, RoomOrder(number, slot, records), [first.fd, second.fd, channel.fileno()]
             )
-        except OSError as exc:
-            raise ForkerGone(describe_failure(exc), ordered=False) from None
-        try:
             answer, fds = read_message(self.sock, 1)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
-            raise ForkerGone(describe_failure(exc), ordered=True) from None
+            raise ForkerGone(describe_failure(exc)) from None
         kind, value = answer
         if kind == "ok" and len(fds) == 1:
             return Worker(value, fds[0])
-        for fd in fds:
-            os.close(fd)
+        close_all(fds)
+        if kind == "ok":  # forked, but its pidfd did not fit: it waits for a GO never sent
+            raise WorkerError(f"room {number}: cannot watch its worker (out of fds)")
         raise WorkerError(str(value))
 
     def stop(self, timeout: float) -> int | None:
@@ -112,7 +116,17 @@ class Forker:
         code = worker.join(timeout)
         if code is None:
             worker.kill()
-            code = worker.join(timeout)
+            code = worker.join(KILL_WAIT)
+        worker.close()
+        return code
+
+    def kill(self) -> int | None:
+        """SIGKILL the forker (it failed) and reap it; its exit code, None if it
+        could not be reaped."""
+        self.sock.close()
+        worker = Worker(self.pid, self.sentinel)
+        worker.kill()
+        code = worker.join(KILL_WAIT)
         worker.close()
         return code
 
@@ -135,28 +149,31 @@ def send_message(sock: socket.socket, message: Any, fds: list[int]) -> None:
 
 
 def read_message(sock: socket.socket, max_fds: int) -> tuple[Any, list[int]]:
-    """Read one whole message and the descriptors that came with it (blocking).
-    Raises EOFError if the other end closed first."""
+    """Read one whole message and the descriptors that came with it (blocking); the
+    descriptors are then the caller's. Raises EOFError if the other end closed first,
+    or what reading or unpickling raised; no descriptor is left open then."""
     fds: list[int] = []
-    head = bytearray()
-    while len(head) < HEADER.size:
-        data, got, _flags, _ = socket.recv_fds(sock, HEADER.size - len(head), max_fds)
-        fds.extend(got)
-        if not data:
-            close_all(fds)
-            raise EOFError
-        head += data
-    (size,) = HEADER.unpack(head)
-    body = bytearray(size)
-    view = memoryview(body)
-    done = 0
-    while done < size:
-        n = sock.recv_into(view[done:])
-        if not n:
-            close_all(fds)
-            raise EOFError
-        done += n
-    return pickle.loads(body), fds
+    try:
+        head = bytearray()
+        while len(head) < HEADER.size:
+            data, got, _flags, _ = socket.recv_fds(sock, HEADER.size - len(head), max_fds)
+            fds.extend(got)
+            if not data:
+                raise EOFError
+            head += data
+        (size,) = HEADER.unpack(head)
+        body = bytearray(size)
+        view = memoryview(body)
+        done = 0
+        while done < size:
+            n = sock.recv_into(view[done:])
+            if not n:
+                raise EOFError
+            done += n
+        return pickle.loads(body), fds
+    except BaseException:
+        close_all(fds)
+        raise
 
 
 def close_all(fds: list[int]) -> None:
@@ -196,11 +213,13 @@ def run_forker(server: Any, sock: socket.socket) -> int:
     for sig in FORKER_IGNORED:  # the terminal's, or meant for the server: not ours
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)  # blocked around its fork
     gc.disable()  # its heap stays as the server left it: each fork freezes it anyway
     server.fds.close_all(keep=(sock.fileno(),))
     server.fds = FdMap()  # the forker's own, for its workers to close
     server.fds.own(sock.fileno())
     set_title(FORKER_NAME, FORKER_NAME)
+    server.log = Log(f"forker pid {os.getpid()}", server.log.color, server.log.stream)
     return ForkerLoop(server, sock).run()
 
 
@@ -231,7 +250,7 @@ class ForkerLoop:
         """Read one order, fork its room, answer; the server gone: take no more."""
         try:
             order, fds = read_message(self.sock, ORDER_FDS)
-        except (OSError, EOFError):
+        except (OSError, EOFError, pickle.UnpicklingError):
             self.stop_orders()
             return
         answer, pidfd = self.fork_room(order, fds)
@@ -275,17 +294,28 @@ class ForkerLoop:
 
 
 def become_room(server: Any, order: RoomOrder, fds: list[int]) -> int:
-    """In the new worker: rebuild both clients from the order, then become the room
-    as a worker forked by the server itself would (``server.become_room``). The
-    forker's objects are frozen out of this worker's gc, which can run again."""
-    gc.enable()
+    """In the new worker: wait for the server's GO (none: exit 0, having touched
+    nothing), rebuild both clients from the order, then become the room as a worker
+    forked by the server itself would (``server.become_room``). The forker's objects
+    are frozen out of this worker's gc, which can run again."""
     first_fd, second_fd, channel_fd = fds
+    if not wait_for_go(channel_fd):
+        return 0
+    gc.enable()
     max_line = server.opts.max_line
     first = rebuild_conn(first_fd, order.clients[0], max_line)
     second = rebuild_conn(second_fd, order.clients[1], max_line)
     channel = socket.socket(fileno=channel_fd)
     clients = server.counts.count(order.slot)
     return server.become_room(order.number, first, second, clients, channel)
+
+
+def wait_for_go(channel_fd: int) -> bool:
+    """Block until the server lets this worker go (True), or closes its end (False)."""
+    try:
+        return os.read(channel_fd, len(GO)) == GO
+    except OSError:
+        return False
 
 
 def rebuild_conn(fd: int, record: HandBack, max_line: int) -> Conn:

@@ -4,21 +4,23 @@ its worker through its sentinel, and taking back the clients it hands back.
 :class:`RoomKeeper` is a mixin of :class:`forkchat.server.Server`, as
 ``socketserver.ForkingMixIn`` is of a server: it uses the server's tables (``waiting``,
 ``rooms``, ``channels``, ``fds``), its selector and its client I/O (``register``,
-``say_bye``, ``enqueue``, ``tell_waiting``...). Forking itself is ``workers.py``'s; the
-relay in the new process is ``room.py``'s.
+``say_bye``, ``enqueue``, ``tell_waiting``...). It orders each worker from the room
+forker (``forker.py``) while there is one, and forks it itself otherwise (TLS, or the
+forker gone); forking is ``workers.py``'s, the relay in the new process ``room.py``'s.
 """
 
 from __future__ import annotations
 
 import os
 import selectors
+import signal
 import socket
 import time
 from typing import Any
 
 from . import protocol as p
 from .conn import IN_ROOM, WAITING, Conn
-from .forker import ForkerGone, start_forker
+from .forker import GO, ForkerGone, start_forker
 from .handback import ChannelReader, HandBack, restore_conn
 from .log import Log
 from .proctitle import ROOM_NAME, room_title, set_title
@@ -31,11 +33,11 @@ from .workers import (
     become_subreaper,
     describe_exit,
     fork_worker,
+    own_children,
     prepare_room,
 )
 
 STOP_GRACE = 5.0  # seconds rooms get to say BYE at shutdown before they are killed
-FORKER_GRACE = 1.0  # seconds a failed forker gets to exit before it is killed
 
 
 class RoomKeeper:
@@ -79,38 +81,53 @@ class RoomKeeper:
         self.sel.register(room.channel, selectors.EVENT_READ, self.on_channel)
 
     def start_worker(self, number: int, first: Conn, second: Conn) -> RoomProc | None:
-        """Start the room's worker with its count slot and channel; None (logged) if it
-        cannot be done now, with nothing left half made."""
+        """Start the room's worker, through the forker while there is one; None
+        (logged) if it cannot be done now, with nothing left half made. A forker that
+        fails is given up on, and this room is forked here."""
         try:
-            slot, ours, theirs = prepare_room(self.counts, self.fds)
+            if self.forker is not None:
+                try:
+                    return self.open_worker(number, first, second, self.order_worker)
+                except ForkerGone as exc:
+                    self.lose_forker(str(exc))
+            return self.open_worker(number, first, second, self.fork_here)
         except WorkerError as exc:
             self.log.error(str(exc))
             return None
+
+    def open_worker(self, number: int, first: Conn, second: Conn, launch: Any) -> RoomProc:
+        """Take a count slot and make the room's channel, then ``launch`` the worker
+        (``order_worker`` or ``fork_here``). What it raises goes on, and nothing is
+        left: slot, channel and both ends are given back."""
+        slot, ours, theirs = prepare_room(self.counts, self.fds)
         try:
-            worker = self.launch_worker(number, slot, first, second, theirs)
-        except WorkerError as exc:
+            worker = launch(number, slot, first, second, ours, theirs)
+        except BaseException:
             abandon_room(self.counts, slot, ours, self.fds)
-            self.log.error(str(exc))
-            return None
+            raise
         finally:
             theirs.close()
         return RoomProc(number, worker, slot, self.counts.count(slot), ours, ChannelReader(ours))
 
-    def launch_worker(
-        self, number: int, slot: int, first: Conn, second: Conn, theirs: socket.socket
+    def order_worker(
+        self, number: int, slot: int, first: Conn, second: Conn, ours: socket.socket, theirs: Any
     ) -> Worker:
-        """Fork the worker: through the room forker while there is one, else here
-        (``workers.fork_worker``). Raises WorkerError."""
-        if self.forker is not None:
-            try:
-                worker = self.forker.order(number, slot, first, second, theirs)
-            except ForkerGone as exc:
-                self.lose_forker(str(exc))
-                if exc.ordered:  # it may have forked: this pair gets no second room
-                    raise WorkerError(f"room {number}: the forker failed with the order") from None
-            else:
-                self.fds.own(worker.sentinel)
-                return worker
+        """Have the forker fork the worker; once its pidfd is here, let it go (``GO`` on
+        the channel). Until then it touches nothing: a failed order, whatever the forker
+        did, leaves no room (the caller closes ``ours``: the worker sees it and exits)."""
+        worker = self.forker.order(number, slot, first, second, theirs)
+        try:
+            ours.send(GO)
+        except OSError:
+            worker.close()
+            raise WorkerError(f"room {number}: its worker exited before it started") from None
+        self.fds.own(worker.sentinel)
+        return worker
+
+    def fork_here(
+        self, number: int, slot: int, first: Conn, second: Conn, ours: socket.socket, theirs: Any
+    ) -> Worker:
+        """Fork the worker from this process (TLS, or no forker)."""
         clients = self.counts.count(slot)
         return fork_worker(self.become_room, (number, first, second, clients, theirs), self.fds)
 
@@ -239,15 +256,34 @@ class RoomKeeper:
 
     def lose_forker(self, failure: str = "") -> None:
         """The forker exited, or ``failure`` made it no use (it is then killed): reap
-        it, log it; later rooms are forked here. Its rooms go on, watched as before
-        (and, orphaned, adopted by this subreaper)."""
+        it, log it; later rooms are forked here. Its rooms go on, watched through their
+        pidfds; orphaned, they are this subreaper's children, reaped here, and so is any
+        that had exited unreaped (from now on at every SIGCHLD: :meth:`reap_strays`)."""
         forker, self.forker = self.forker, None
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the loop: handle_chld
         self.sel.unregister(forker.sentinel)
         self.fds.disown(forker.sentinel)
         self.fds.disown(forker.sock.fileno())
-        code = forker.stop(timeout=FORKER_GRACE)
+        code = forker.kill() if failure else forker.stop(timeout=0)
         how = f"failed ({failure})" if failure else describe_exit(code or 0)
         self.log.error(f"room forker pid {forker.pid} {how}; the server forks the rooms itself")
+        self.reap_strays()
+
+    def handle_chld(self) -> None:
+        """SIGCHLD (watched once the forker is gone): reap the strays."""
+        self.reap_strays()
+
+    def reap_strays(self) -> None:
+        """Reap, by PID, every exited child of this process that no watched worker
+        stands for: a room of the dead forker's whose end was already seen, or one an
+        order left behind. A watched worker is reaped through its own pidfd."""
+        watched = {room.proc.pid for room in self.rooms.values() if room.proc.exitcode is None}
+        for pid in own_children():
+            if pid not in watched:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
 
     def stop_forker(self) -> None:
         """At exit: the forker reaps its last rooms and exits; log an abnormal end."""

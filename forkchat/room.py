@@ -1,14 +1,15 @@
 """The room worker: one forked process per pair, relaying lines and keeping the turns.
 
-The worker holds its two client sockets and its end of its channel to the parent, and
-nothing else of the parent's (``Server.become_room`` closes the rest, by number, before
-:func:`run_room` is called). The first
-client to arrive writes first. After a message the writer gets ``TURN READ``; the reader
-gets ``MSG`` then ``TURN WRITE``. ``exit`` ends the room for both at any time.
+The worker holds its two client sockets and its end of its channel to the server, and
+nothing else of its parent's, the room forker or the server (``Server.become_room``
+closes the rest, by number, before :func:`run_room` is called). The first client to
+arrive writes first. After a message the writer gets ``TURN READ``; the reader gets
+``MSG`` then ``TURN WRITE``. ``exit`` ends the room for both at any time.
 
-The number of this room's clients still connected lives in ``clients``, a lock-free
-``multiprocessing.Value``: the parent sets it to 2 before the fork and zeroes it when it
-reaps the worker; in between only this worker writes it. A SIGKILL at any moment
+The number of this room's clients still connected lives in ``clients``, a lock-free C
+int in shared memory (a slot of ``workers.CountSlots``: what ``multiprocessing.Value``
+gives): the server sets it to 2 before the worker starts and gives the slot back when
+the worker is gone; in between only this worker writes it. A SIGKILL at any moment
 cannot leave a lock held.
 """
 

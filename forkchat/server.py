@@ -2,8 +2,9 @@
 
 :class:`Server` owns one selector over the listening socket, every client not yet in a
 room, the signal wakeup socket, every room worker's sentinel and every room's channel.
-For each pair the queue gives (``waitlist.py``) it forks a room worker (``workers.py``
-forks, ``room.py`` relays) and takes back the clients rooms hand back. The command line
+For each pair the queue gives (``waitlist.py``) it has a room worker forked (by the room
+forker, ``forker.py``, or itself: ``keeper.py``, ``workers.py``; ``room.py`` relays) and
+takes back the clients rooms hand back. The command line
 that builds its :class:`Options` is in ``cli.py``.
 """
 

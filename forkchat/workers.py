@@ -51,7 +51,8 @@ class CountSlots:
     memory; this is the same memory, allocated once for ``size`` rooms instead of once a
     room: the room forker, forked at start, maps it, whereas a Value made later would
     live in memory it never mapped. A slot is taken for a room at its fork (set to 2)
-    and given back when its worker is reaped; only that worker writes it meanwhile.
+    and given back once its worker is gone; only that worker writes it meanwhile (a
+    worker from the forker first waits for the server's go-ahead, ``forker.GO``).
     """
 
     def __init__(self, size: int) -> None:
@@ -99,7 +100,8 @@ class Worker:
     the room forker forked is reaped, and its ending logged, by the forker: the server
     learns only that it exited (its pidfd is readable), and records exit code 0. Should
     the forker die first, the worker becomes the server's child (the server is a
-    subreaper) and is reaped here after all.
+    subreaper): reaped here through its pidfd if still watched, else by the server's
+    ``reap_strays``.
     """
 
     __slots__ = ("exitcode", "pid", "sentinel")
@@ -145,6 +147,16 @@ class Worker:
     def close(self) -> None:
         """Release the sentinel (after the reap)."""
         os.close(self.sentinel)
+
+
+def own_children() -> list[int]:
+    """This process's children, by PID, from /proc (its main thread's list)."""
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(word) for word in f.read().split()]
+    except OSError:
+        return []
 
 
 def is_readable(fd: int, timeout: float | None = 0) -> bool:

@@ -149,7 +149,7 @@ class ServerProc:
     def children(self) -> list[psutil.Process]:
         """The server's room workers, at any depth (the room forker's children, or the
         server's own for a TLS server); the forker itself is left out."""
-        return [p for p in self.descendants() if process_name(p) != FORKER_NAME]
+        return [p for p in self.descendants() if not self.is_forker(p)]
 
     def descendants(self) -> list[psutil.Process]:
         """Every process below the server: the room forker and the rooms."""
@@ -160,8 +160,16 @@ class ServerProc:
 
     def forker(self) -> psutil.Process:
         """The room forker (a plain-TCP server has exactly one)."""
-        (forker,) = [p for p in self.descendants() if process_name(p) == FORKER_NAME]
+        (forker,) = [p for p in self.descendants() if self.is_forker(p)]
         return forker
+
+    def is_forker(self, proc: psutil.Process) -> bool:
+        """The forker is the server's child named forkchat-forker (a room it has just
+        forked bears that name too, for a moment, but is its child)."""
+        try:
+            return proc.ppid() == self.pid and proc.name() == FORKER_NAME
+        except psutil.NoSuchProcess:
+            return False
 
     def wait_exit(self, timeout: float = DEADLINE) -> int:
         return self.proc.wait(timeout)
@@ -176,14 +184,6 @@ class ServerProc:
         reap_tree(self.proc)
 
     kill = stop
-
-
-def process_name(proc: psutil.Process) -> str:
-    """``proc``'s comm, or "" if it has exited meanwhile."""
-    try:
-        return proc.name()
-    except psutil.NoSuchProcess:
-        return ""
 
 
 def reap_tree(proc: subprocess.Popen, timeout: float = 5.0) -> None:

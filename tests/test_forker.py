@@ -6,9 +6,12 @@ does when the forker dies or stops answering, and that nothing is left behind.
 
 from __future__ import annotations
 
+import os
+import resource
 import signal
 
 import psutil
+import pytest
 
 from support import (
     DEADLINE,
@@ -59,13 +62,14 @@ def test_a_plain_server_forks_its_rooms_through_one_forker_that_holds_nothing_of
     close_all((a, b, c, d))
 
 
-def test_a_killed_forker_costs_no_room_and_its_orphans_are_reaped_by_the_server(server):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["KILL", "TERM"])
+def test_a_killed_forker_costs_no_room_and_its_orphans_are_reaped_by_the_server(server, sig):
     a, b = pair(server.address)
     first = room_pid(server, 1)
     forker = server.forker()
-    forker.kill()
+    forker.send_signal(sig)
     pid, how = server.out.wait_for(GONE_RE).groups()
-    assert (int(pid), how) == (forker.pid, "killed by SIGKILL")
+    assert (int(pid), how) == (forker.pid, f"killed by {signal.Signals(sig).name}")
     # The server, a subreaper, adopts the orphaned room; the room goes on.
     wait_until(lambda: psutil.Process(first).ppid() == server.pid, what="room 1 adopted")
     chat(a, b, "still here")
@@ -84,7 +88,7 @@ def test_a_killed_forker_costs_no_room_and_its_orphans_are_reaped_by_the_server(
     close_all((a, b, c, d))
 
 
-def test_a_stopped_forker_is_given_up_on_and_the_next_pair_gets_a_room():
+def test_a_stopped_forker_is_given_up_on_and_the_pair_still_gets_a_room():
     srv = ServerProc("--no-color")
     try:
         forker = srv.forker()
@@ -92,19 +96,62 @@ def test_a_stopped_forker_is_given_up_on_and_the_next_pair_gets_a_room():
         a = Peer(srv.address, "alice")
         a.expect("WAIT ")
         b = Peer(srv.address, "bob")
-        # Its answer never comes: after the deadline the pair is told, the forker is
-        # killed and reaped, and the server forks the next room itself.
-        b.expect("BYE error", timeout=DEADLINE)
-        a.expect("BYE error")
+        # Its answer never comes: after the deadline the forker is killed and reaped,
+        # and the server forks this room itself.
+        b.expect("PAIRED alice", "TURN READ", timeout=2 * DEADLINE)
+        a.expect("PAIRED bob", "TURN WRITE")
         pid, how = srv.out.wait_for(GONE_RE).groups()
         assert (int(pid), how) == (forker.pid, "failed (no answer within 5 s)")
-        wait_until(lambda: not psutil.pid_exists(forker.pid), what="forker reaped")
-        c, d = pair(srv.address, "carol", "dave")
-        assert psutil.Process(room_pid(srv, 1)).ppid() == srv.pid  # room 1 never opened
-        chat(c, d, "hello")
-        close_all((a, b, c, d))
+        assert not psutil.pid_exists(forker.pid)
+        assert psutil.Process(room_pid(srv, 1)).ppid() == srv.pid
+        chat(a, b, "hello")
+        assert report(srv) == (2, 1, 0, 0)
+        close_all((a, b))
     finally:
         srv.stop()
+
+
+def test_a_room_that_ended_while_the_forker_was_stopped_is_reaped_when_it_dies(server):
+    a, b = pair(server.address)
+    first = room_pid(server, 1)
+    forker = server.forker()
+    forker.suspend()  # it cannot reap for now (stopped, or just slow)
+    a.send("exit")
+    b.expect("BYE partner-exit")
+    wait_until(lambda: report(server)[1] == 0, what="the server saw room 1 end")
+    forker.kill()  # its unreaped room goes to the server, a subreaper
+    server.out.wait_for(GONE_RE)
+    wait_until(lambda: not psutil.pid_exists(first), what="room 1 reaped by the server")
+    assert psutil.Process(server.pid).children() == []  # no zombie, no forker
+    close_all((a, b))
+
+
+def test_a_worker_whose_pidfd_cannot_be_received_never_starts(server):
+    """The server has one free fd left for the pair's channel... and none for the
+    worker's pidfd in the forker's answer: the worker must not run its room (it waits
+    for a go-ahead that never comes), the pair is told, the count stays exact."""
+    forker = server.forker()
+    a = Peer(server.address, "alice")
+    a.expect("WAIT ")
+    b = Peer(server.address)  # connected, not named yet
+    wait_until(lambda: report(server)[3] == 1, what="bob handshaking")
+    used = {int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")}
+    free = [n for n in range(max(used) + 3) if n not in used]
+    soft, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (free[1] + 1, hard))  # two left
+    try:
+        b.send("bob")
+        a.expect("BYE error")
+        b.expect("BYE error")
+        server.out.wait_for("cannot watch its worker")
+    finally:
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    wait_until(lambda: not forker.children(), what="the worker gone")
+    assert "room 1 opened" not in server.out.text()
+    assert report(server) == (0, 0, 0, 0)
+    c, d = pair(server.address, "carol", "dave")
+    chat(c, d, "hello")
+    close_all((a, b, c, d))
 
 
 def test_the_forker_ignores_the_terminal_and_leaves_with_the_server(server):
