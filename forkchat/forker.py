@@ -15,12 +15,12 @@ The server keeps one end of a Unix stream socketpair; an order and its answer ar
 message each way (``handback``'s framing: a length, then a pickle; both ends are this
 program), and the server waits for the answer as it would wait for ``fork()`` itself:
 
-- order: :class:`RoomOrder` (room number, count slot, both clients' state as
+- order: :class:`RoomOrder` (room number, where its count lies, both clients' state as
   :class:`~forkchat.handback.HandBack` records), with three descriptors: the two
   clients' sockets and the worker's end of the room's channel;
 - answer: ``("ok", pid)`` with the worker's pidfd, or ``("error", text)``.
 
-A new worker touches nothing (clients, count slot) until the server, holding its pidfd,
+A new worker touches nothing (clients, count) until the server, holding its pidfd,
 lets it go with one byte on the room's channel. If the answer is lost (the forker died
 or stalled after its fork, or the server had no fd left for the pidfd), the server
 closes its end of that channel instead, and the worker exits without a word: a failed
@@ -53,7 +53,7 @@ from .handback import HEADER, HandBack, encode, restore_conn, snapshot
 from .log import Log
 from .proctitle import FORKER_NAME, set_title
 from .room import PARENT_SIGNALS
-from .workers import Worker, WorkerError, describe_exit, fork_child
+from .workers import Worker, WorkerError, count_at, describe_exit, fork_child
 
 ANSWER_TIMEOUT = 5.0  # seconds the server waits for an answer before giving up on it
 KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed forker to exit
@@ -71,7 +71,7 @@ class RoomOrder:
     """What the forker needs to fork a room, besides the descriptors."""
 
     number: int
-    slot: int
+    count_address: int  # its multiprocessing.Value, in memory the forker has mapped
     clients: tuple[HandBack, HandBack]
 
 
@@ -84,17 +84,20 @@ class Forker:
         self.sock = sock
 
     def order(
-        self, number: int, slot: int, first: Conn, second: Conn, channel: socket.socket
+        self, number: int, count_address: int, first: Conn, second: Conn, channel: socket.socket
     ) -> Worker:
         """Have the forker fork room ``number`` for the pair, with ``channel`` (the
-        worker's end) and count ``slot``. The server keeps its own copies of the
-        sockets, to close once the room is under way; the worker waits for :data:`GO`
-        on the channel. Raises WorkerError if no worker can be watched (the forker goes
-        on), ForkerGone if the forker is no use any more."""
+        worker's end) and its count at ``count_address`` (``workers.Counts``). The
+        server keeps its own copies of the sockets, to close once the room is under
+        way; the worker waits for :data:`GO` on the channel. Raises WorkerError if no
+        worker can be watched (the forker goes on), ForkerGone if the forker is no use
+        any more."""
         records = (snapshot(first, first.avoid or 0), snapshot(second, second.avoid or 0))
         try:
             send_message(
-                self.sock, RoomOrder(number, slot, records), [first.fd, second.fd, channel.fileno()]
+                self.sock,
+                RoomOrder(number, count_address, records),
+                [first.fd, second.fd, channel.fileno()],
             )
             answer, fds = read_message(self.sock, 1)
         except (OSError, EOFError, pickle.UnpicklingError) as exc:
@@ -306,7 +309,7 @@ def become_room(server: Any, order: RoomOrder, fds: list[int]) -> int:
     first = rebuild_conn(first_fd, order.clients[0], max_line)
     second = rebuild_conn(second_fd, order.clients[1], max_line)
     channel = socket.socket(fileno=channel_fd)
-    clients = server.counts.count(order.slot)
+    clients = count_at(order.count_address)
     return server.become_room(order.number, first, second, clients, channel)
 
 

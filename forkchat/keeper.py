@@ -96,26 +96,31 @@ class RoomKeeper:
             return None
 
     def open_worker(self, number: int, first: Conn, second: Conn, launch: Any) -> RoomProc:
-        """Take a count slot and make the room's channel, then ``launch`` the worker
+        """Make the room's count and channel, then ``launch`` the worker
         (``order_worker`` or ``fork_here``). What it raises goes on, and nothing is
-        left: slot, channel and both ends are given back."""
-        slot, ours, theirs = prepare_room(self.counts, self.fds)
+        left: the channel's both ends are closed."""
+        clients, ours, theirs = prepare_room(self.counts, self.fds)
         try:
-            worker = launch(number, slot, first, second, ours, theirs)
+            worker = launch(number, clients, first, second, ours, theirs)
         except BaseException:
-            abandon_room(self.counts, slot, ours, self.fds)
+            abandon_room(ours, self.fds)
             raise
         finally:
             theirs.close()
-        return RoomProc(number, worker, slot, self.counts.count(slot), ours, ChannelReader(ours))
+        return RoomProc(number, worker, clients, ours, ChannelReader(ours))
 
     def order_worker(
-        self, number: int, slot: int, first: Conn, second: Conn, ours: socket.socket, theirs: Any
+        self, number: int, clients: Any, first: Conn, second: Conn, ours: socket.socket, theirs: Any
     ) -> Worker:
         """Have the forker fork the worker; once its pidfd is here, let it go (``GO`` on
         the channel). Until then it touches nothing: a failed order, whatever the forker
-        did, leaves no room (the caller closes ``ours``: the worker sees it and exits)."""
-        worker = self.forker.order(number, slot, first, second, theirs)
+        did, leaves no room (the caller closes ``ours``: the worker sees it and exits).
+        A count the forker cannot see (outside the memory reserved for counts) makes
+        this room one the server forks itself."""
+        address = self.counts.address_of(clients)
+        if address is None:
+            return self.fork_here(number, clients, first, second, ours, theirs)
+        worker = self.forker.order(number, address, first, second, theirs)
         try:
             ours.send(GO)
         except OSError:
@@ -125,10 +130,9 @@ class RoomKeeper:
         return worker
 
     def fork_here(
-        self, number: int, slot: int, first: Conn, second: Conn, ours: socket.socket, theirs: Any
+        self, number: int, clients: Any, first: Conn, second: Conn, ours: socket.socket, theirs: Any
     ) -> Worker:
         """Fork the worker from this process (TLS, or no forker)."""
-        clients = self.counts.count(slot)
         return fork_worker(self.become_room, (number, first, second, clients, theirs), self.fds)
 
     def refuse_pair(self, first: Conn, second: Conn) -> None:
@@ -215,7 +219,7 @@ class RoomKeeper:
         self.sel.unregister(sentinel)
         code = room.proc.join(timeout)
         self.close_channel(room)
-        self.counts.release(room.slot)
+        room.clients.value = 0
         self.fds.disown(room.proc.sentinel)
         room.proc.close()
         if code is None:  # stuck in the kernel even after SIGKILL

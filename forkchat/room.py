@@ -6,11 +6,11 @@ closes the rest, by number, before :func:`run_room` is called). The first client
 arrive writes first. After a message the writer gets ``TURN READ``; the reader gets
 ``MSG`` then ``TURN WRITE``. ``exit`` ends the room for both at any time.
 
-The number of this room's clients still connected lives in ``clients``, a lock-free C
-int in shared memory (a slot of ``workers.CountSlots``: what ``multiprocessing.Value``
-gives): the server sets it to 2 before the worker starts and gives the slot back when
-the worker is gone; in between only this worker writes it. A SIGKILL at any moment
-cannot leave a lock held.
+The number of this room's clients still connected lives in ``clients``, a lock-free
+``multiprocessing.Value`` (for a worker from the room forker, the same C int reached
+through its address: ``workers.count_at``): the server sets it to 2 before the worker
+starts and zeroes it when the worker is gone; in between only this worker writes it. A
+SIGKILL at any moment cannot leave a lock held.
 """
 
 from __future__ import annotations

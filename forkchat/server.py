@@ -40,7 +40,7 @@ from .preamble import HealthCheck, Preamble, PreambleError
 from .room import LINGER, PARENT_SIGNALS
 from .tlsconf import TlsError, server_context
 from .waitlist import WaitList, may_pair
-from .workers import CountSlots, RoomProc, format_report
+from .workers import Counts, RoomProc, format_report
 
 EXIT_OK = 0
 BACKLOG = 4096
@@ -112,7 +112,7 @@ class Server(RoomKeeper):
         self.preambles: dict[int, Preamble] = {}  # fd -> PROXY/TLS steps not yet done
         self.tls: ssl.SSLContext | None = None
         self.forker: Forker | None = None  # forks the rooms (forker.py), if there is one
-        self.counts = CountSlots(opts.max_rooms)  # each room's client count, shared memory
+        self.counts = Counts(opts.max_rooms)  # reserved before the forker: see workers.py
         self.preamble = opts.proxy_protocol or bool(opts.tls_cert)  # steps before HELLO
         self.room_count = 0
         self.client_count = 0  # ids handed out

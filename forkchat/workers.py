@@ -12,9 +12,9 @@ holds an entry per live child, so each new worker wrote to as many of the parent
 objects as there were rooms open (memory per room grew with the rooms); its pipes cost
 four fds and a dozen syscalls per fork. See the README's Performance section.
 
-Each room gets its client count, a slot of :class:`CountSlots` (shared memory from the
-fork context pinned below, made before any fork; only the worker writes its slot until
-it is reaped), and its channel (a Unix socketpair for hand-backs, ``handback.py``; the
+Each room gets its client count, a ``multiprocessing.Value`` from the fork context
+pinned below, in memory reserved before any fork (:class:`Counts`; only the worker
+writes it until it is gone), and its channel (a Unix socketpair for hand-backs, ``handback.py``; the
 worker also sees the server die through it). The server (``server.py``,
 ``keeper.py``) decides when to open and reap rooms; this module does the forking and
 the bookkeeping around it.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 import multiprocessing
 import multiprocessing.sharedctypes  # imported now: lazily, at the first room, fds may be short
 import os
@@ -44,38 +45,49 @@ MP = multiprocessing.get_context("fork")
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
-class CountSlots:
-    """Every room's client count, in one shared array of C ints made before any fork.
+COUNT_BLOCK = 8  # bytes multiprocessing's heap gives a Value("i") (4, aligned to 8)
 
-    ``multiprocessing.Value("i", lock=False)`` is a C int in the fork context's shared
-    memory; this is the same memory, allocated once for ``size`` rooms instead of once a
-    room: the room forker, forked at start, maps it, whereas a Value made later would
-    live in memory it never mapped. A slot is taken for a room at its fork (set to 2)
-    and given back once its worker is gone; only that worker writes it meanwhile (a
-    worker from the forker first waits for the server's go-ahead, ``forker.GO``).
+
+class Counts:
+    """Every room's client count: a ``multiprocessing.Value("i", lock=False)`` of its
+    own, a C int in the fork context's shared memory.
+
+    The room forker, forked at start, sees only the shared memory mapped by then, and a
+    Value made later for a room it forks must lie there. So, before the forker,
+    :meth:`__init__` has multiprocessing's heap map one arena big enough for twice
+    ``rooms`` Values and gives that block straight back: the heap cuts the later Values
+    from it (it takes a new arena only when no free block fits). :meth:`address_of`
+    checks each one (the guard: a room whose Value lies elsewhere is forked by the
+    server itself), and the forker's worker writes the Value through that address
+    (:func:`count_at`). Only that worker writes it until it is gone.
     """
 
-    def __init__(self, size: int) -> None:
-        self.array = MP.Array(ctypes.c_int, size, lock=False)
-        self.free = list(range(size - 1, -1, -1))  # pop() gives the lowest slot
+    def __init__(self, rooms: int) -> None:
+        size = -(-2 * rooms * COUNT_BLOCK // mmap.PAGESIZE) * mmap.PAGESIZE
+        reserve = MP.RawArray(ctypes.c_char, size)
+        self.low = ctypes.addressof(reserve)
+        self.high = self.low + size
+        del reserve  # the block goes back to the heap; its arena stays mapped, here and in forks
 
-    def take(self) -> int:
-        """A free slot, set to 2 (the pair). Raises WorkerError when none is free."""
-        if not self.free:
-            raise WorkerError("no free room slot")
-        slot = self.free.pop()
-        self.array[slot] = 2
-        return slot
+    @staticmethod
+    def new() -> Any:
+        """A room's count: a Value set to 2 (the pair). Raises WorkerError."""
+        try:
+            return MP.Value("i", 2, lock=False)
+        except OSError as exc:  # a new arena needs an fd
+            raise WorkerError(f"cannot make a room count: {exc.strerror or exc}") from None
 
-    def count(self, slot: int) -> ctypes.c_int:
-        """The slot as a C int in shared memory, what ``multiprocessing.Value`` gives:
-        ``.value`` reads and writes it, in any process forked since the array was made."""
-        return ctypes.c_int.from_buffer(self.array, slot * ctypes.sizeof(ctypes.c_int))
+    def address_of(self, value: Any) -> int | None:
+        """Where ``value`` lies, if that is in the memory reserved before the forker
+        (so the forker and its workers see it too); None if not."""
+        address = ctypes.addressof(value)
+        return address if self.low <= address < self.high else None
 
-    def release(self, slot: int) -> None:
-        """Give the slot back (its worker is reaped: nobody writes it any more)."""
-        self.array[slot] = 0
-        self.free.append(slot)
+
+def count_at(address: int) -> ctypes.c_int:
+    """The room's count at ``address`` (from :meth:`Counts.address_of`), in a process
+    forked after the Counts were made: the same C int as the server's Value."""
+    return ctypes.c_int.from_address(address)
 
 
 def become_subreaper() -> bool:
@@ -181,8 +193,7 @@ class RoomProc:
 
     number: int
     proc: Worker
-    slot: int  # its count's slot in CountSlots
-    clients: Any  # that slot as a C int: 2 at the fork, then the worker's to write
+    clients: Any  # multiprocessing.Value("i"): 2 at the fork, then the worker's to write
     channel: socket.socket
     reader: ChannelReader
     received: int = 0  # clients taken back from the channel: no longer the room's
@@ -193,26 +204,25 @@ class RoomProc:
         return max(0, self.clients.value - self.received)
 
 
-def prepare_room(counts: CountSlots, fds: FdMap) -> tuple[int, socket.socket, socket.socket]:
-    """What a room needs before its worker starts: a count slot (set to 2) and its
-    channel. Returns (slot, the server's end, marked in ``fds``; the worker's end, for
-    the caller to close once the worker has it). Raises WorkerError, leaving nothing."""
-    slot = counts.take()
+def prepare_room(counts: Counts, fds: FdMap) -> tuple[Any, socket.socket, socket.socket]:
+    """What a room needs before its worker starts: its count (2) and its channel.
+    Returns (count, the server's end, marked in ``fds``; the worker's end, for the
+    caller to close once the worker has it). Raises WorkerError, leaving nothing."""
+    clients = counts.new()
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:
-        counts.release(slot)
         raise WorkerError(f"cannot make a room channel: {exc.strerror or exc}") from None
     fds.own(ours.fileno())  # later workers close the server's end with the rest
     ours.setblocking(False)
-    return slot, ours, theirs
+    return clients, ours, theirs
 
 
-def abandon_room(counts: CountSlots, slot: int, channel: socket.socket, fds: FdMap) -> None:
-    """Undo :func:`prepare_room` for a worker that could not be started."""
+def abandon_room(channel: socket.socket, fds: FdMap) -> None:
+    """Undo :func:`prepare_room` for a worker that could not be started (its count
+    goes with it)."""
     fds.disown(channel.fileno())
     channel.close()
-    counts.release(slot)
 
 
 def fork_child(target: Callable[..., int], args: tuple) -> tuple[int, int]:

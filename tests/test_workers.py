@@ -1,32 +1,49 @@
-"""workers.py's pure parts and its forking, in one process: count slots, exit codes."""
+"""workers.py's pure parts and its forking, in one process: counts, exit codes."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 
 import pytest
 
-from forkchat.workers import CountSlots, Worker, WorkerError, exit_code, fork_child
+from forkchat.workers import MP, Counts, Worker, count_at, exit_code, fork_child
 
 
-def test_slots_start_at_two_are_shared_with_a_child_and_come_back():
-    slots = CountSlots(2)
-    first, second = slots.take(), slots.take()
-    assert (first, second) == (0, 1)
-    assert slots.array[first] == slots.array[second] == 2
-    with pytest.raises(WorkerError, match="no free room slot"):
-        slots.take()
-    count = slots.count(second)
-    pid, pidfd = fork_child(lambda: (setattr(count, "value", 1), 0)[1], ())
+def test_room_counts_are_values_in_memory_a_process_forked_before_them_can_write():
+    counts = Counts(100)
+    # The room forker: forked after the Counts, before any room's Value.
+    addresses_r, addresses_w = os.pipe()
+
+    def forker() -> int:
+        os.close(addresses_w)
+        data = b""
+        while chunk := os.read(addresses_r, 4096):
+            data += chunk
+        for address in data.split():
+            count_at(int(address)).value -= 1  # a worker's write, one client left
+        return 0
+
+    pid, pidfd = fork_child(forker, ())
+    values = [counts.new() for _ in range(100)]
+    assert all(value.value == 2 for value in values)
+    addresses = [counts.address_of(value) for value in values]
+    assert None not in addresses  # every room's count is within the forker's reach
+    os.write(addresses_w, b" ".join(b"%d" % a for a in addresses))
+    os.close(addresses_w)
     worker = Worker(pid, pidfd)
     assert worker.join(10) == 0
     worker.close()
-    assert slots.array[second] == 1  # the child's write, seen by the parent
-    assert slots.array[first] == 2
-    slots.release(second)
-    assert slots.array[second] == 0
-    assert slots.take() == second
+    assert [value.value for value in values] == [1] * 100  # seen by the server
+    os.close(addresses_r)
+
+
+def test_a_value_from_elsewhere_is_out_of_reach():
+    counts = Counts(10)
+    elsewhere = MP.RawArray(ctypes.c_char, 1 << 20)  # too big for the reserved block
+    assert counts.address_of(elsewhere) is None
+    assert counts.address_of(counts.new()) is not None
 
 
 def test_a_worker_reaped_through_its_pidfd_gives_its_code_and_is_never_signalled_again():
