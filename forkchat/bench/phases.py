@@ -215,7 +215,7 @@ def phase_round_trip(bench: Bench, target: ServerHandle) -> dict:
 
 def phase_throughput(bench: Bench, target: ServerHandle, rooms: int) -> dict:
     """``rooms`` rooms trade ``--messages`` each at once, after a warm-up: messages per
-    second, and the CPU the server (parent and room workers) spent per message."""
+    second, and the CPU the server (all its processes) spent per message."""
     s, step = bench.settings, f"{target.name}, {rooms} rooms"
     with bench.swarm(target) as d:
         connect_clients(bench, d, 2 * rooms, 2 * rooms, step)

@@ -97,7 +97,7 @@ def throughput_rows(runs: list[dict]) -> list[Row]:
         rows.append((f"messages/s, {rooms}", f"{run['per_second']:,.0f}", detail))
         if "cpu_us_per_message" in run:
             cpu = f"{run['cpu_us_per_message']:.1f} µs"
-            busy = f"parent and room workers, {run['server_busy']:.0%} of a CPU"
+            busy = f"all server processes, {run['server_busy']:.0%} of a CPU"
             rows.append((f"server CPU per message, {rooms}", cpu, busy))
     return rows
 
