@@ -2,10 +2,12 @@
 
 :class:`Server` owns one selector over the listening socket, every client not yet in a
 room, the signal wakeup socket, every room worker's sentinel and every room's channel.
-For each pair the queue gives (``waitlist.py``) it has a room worker forked (by the room
-forker, ``forker.py``, or itself: ``keeper.py``, ``workers.py``; ``room.py`` relays) and
-takes back the clients rooms hand back. The command line
-that builds its :class:`Options` is in ``cli.py``.
+Connections come in through its front door (``frontdoor.py``: accept, the PROXY/TLS
+preamble, ``HELLO``); this module names them, keeps the waiting queue's I/O, handles
+the signals and the shutdown. For each pair the queue gives (``waitlist.py``) it has a
+room worker forked (by the room forker, ``forker.py``, or itself: ``keeper.py``,
+``workers.py``; ``room.py`` relays) and takes back the clients rooms hand back. The
+command line that builds its :class:`Options` is in ``cli.py``.
 """
 
 from __future__ import annotations
@@ -28,15 +30,14 @@ from .conn import (
     WAITING,
     Conn,
     format_peer,
-    is_fd_exhaustion,
-    tune_socket,
 )
 from .fdmap import FdMap
 from .forker import Forker
+from .frontdoor import FrontDoor
 from .keeper import STOP_GRACE, RoomKeeper
 from .log import Log
 from .pidfile import PidfileError, write_pidfile
-from .preamble import HealthCheck, Preamble, PreambleError
+from .preamble import Preamble
 from .room import LINGER, PARENT_SIGNALS
 from .tlsconf import TlsError, server_context
 from .waitlist import WaitList, may_pair
@@ -44,9 +45,6 @@ from .workers import Counts, RoomProc, format_report
 
 EXIT_OK = 0
 BACKLOG = 4096
-ACCEPT_BATCH = 256  # accepts per wake-up, so a connect storm cannot starve the rest
-ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of file descriptors
-BACKLOG_GRACE = 1.0  # seconds to accept and tell the kernel's queue at shutdown
 
 
 class StartupError(Exception):
@@ -89,7 +87,7 @@ def make_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-class Server(RoomKeeper):
+class Server(FrontDoor, RoomKeeper):
     """The parent process: accept, names, waiting queue, pairing, reaping, signals.
 
     One selector waits on the listener, the clients not yet in a room, the signal
@@ -239,128 +237,6 @@ class Server(RoomKeeper):
             self.drop(conn)
         if self.accept_resume and now >= self.accept_resume:
             self.resume_accepting()
-
-    # -- accepting ------------------------------------------------------------------------
-
-    def accept_clients(self, key: Any = None, mask: int = 0) -> None:
-        """Accept the connections waiting in the backlog (a batch at most)."""
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if is_fd_exhaustion(exc):
-                    self.pause_accepting(exc)
-                    return
-                continue  # ECONNABORTED and the like: that client is gone already
-            self.add_client(sock, addr)
-
-    def add_client(self, sock: socket.socket, addr: tuple) -> None:
-        """Greet a new connection and give it ``--name-timeout`` seconds to send a name."""
-        try:
-            tune_socket(sock)
-        except OSError:
-            sock.close()
-            return
-        conn = self.new_conn(sock, format_peer(addr))
-        self.register(conn)
-        if len(self.handshaking) >= self.opts.max_waiting:
-            self.turn_away(conn, f"full: {len(self.handshaking)} handshaking")
-            return
-        conn.deadline = time.monotonic() + self.opts.name_timeout
-        self.handshaking[conn.fd] = conn
-        if not self.preamble:
-            self.greet(conn)
-            self.write_client(conn)
-            return
-        # "client connected" once the preamble is through: one that fails it costs one
-        # line, and with PROXY the client's own address is known only then.
-        self.preambles[conn.fd] = Preamble(conn, self.opts.proxy_protocol, self.tls)
-        self.step_preamble(conn)
-
-    def greet(self, conn: Conn) -> None:
-        """The connection speaks the protocol now: log it and queue HELLO."""
-        self.log.event("connect", f"client connected {conn.peer}")
-        conn.queue(p.hello_line())
-
-    def turn_away(self, conn: Conn, why: str) -> None:
-        """Too many connections: ``BYE full`` where the client can read it (plain TCP),
-        a plain close where it cannot (before a PROXY header or a TLS handshake)."""
-        if not self.preamble:
-            self.greet(conn)
-            self.say_bye(conn, p.BYE_FULL, "too many connections, try again later", why)
-        else:
-            self.drop(conn, why)
-
-    def step_preamble(self, conn: Conn) -> None:
-        """Advance the PROXY header and TLS handshake; greet the client once both are
-        through. A bad header, a failed handshake: one log line and the close. A health
-        check (PROXY LOCAL): closed without a word."""
-        preamble = self.preambles[conn.fd]
-        try:
-            events = preamble.step()
-        except HealthCheck:
-            del self.preambles[conn.fd]
-            self.drop(conn)
-            return
-        except PreambleError as exc:
-            del self.preambles[conn.fd]
-            self.drop(conn, str(exc))
-            return
-        if events:
-            self.watch(conn, events)
-            return
-        del self.preambles[conn.fd]
-        self.greet(conn)
-        # A name may have come in the same TLS record as the handshake's end.
-        if self.read_client(conn):
-            self.write_client(conn)
-
-    def turn_away_backlog(self) -> None:
-        """At shutdown: accept the connections still in the kernel's queue and tell
-        them ``BYE shutdown`` rather than let the close reset them (bounded in time)."""
-        deadline = time.monotonic() + BACKLOG_GRACE
-        while time.monotonic() < deadline:
-            try:
-                sock, addr = self.listener.accept()
-            except OSError:
-                return  # empty (EAGAIN), or out of fds: the rest get the reset
-            try:
-                tune_socket(sock)
-            except OSError:
-                sock.close()
-                continue
-            conn = self.new_conn(sock, format_peer(addr))
-            self.register(conn)
-            if self.preamble:
-                self.drop(conn, "server shutdown")  # no protocol spoken yet: a clean close
-                continue
-            self.log.event("connect", f"client connected {conn.peer}")
-            self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
-
-    def new_conn(self, sock: socket.socket, peer: str, id: int = 0) -> Conn:
-        """A Conn for a socket the parent now owns; a new id unless it has one."""
-        if not id:
-            self.client_count += 1
-            id = self.client_count
-        conn = Conn(sock, peer, self.opts.max_line, id)
-        self.fds.own(conn.fd)
-        return conn
-
-    def pause_accepting(self, exc: OSError) -> None:
-        """Out of fds: stop accepting for a moment instead of spinning on the listener."""
-        if not self.accept_resume:
-            self.log.error(
-                f"accept failed ({exc.strerror}); pausing accepts for {ACCEPT_PAUSE:g} s"
-            )
-            self.sel.unregister(self.listener)
-        self.accept_resume = time.monotonic() + ACCEPT_PAUSE
-
-    def resume_accepting(self) -> None:
-        self.accept_resume = 0.0
-        if not self.stopping:
-            self.sel.register(self.listener, selectors.EVENT_READ, self.accept_clients)
 
     # -- client I/O --------------------------------------------------------------------------
 
