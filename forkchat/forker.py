@@ -49,7 +49,7 @@ from typing import Any
 
 from .conn import IN_ROOM, Conn
 from .fdmap import FdMap
-from .handback import HEADER, HandBack, encode, restore_conn, snapshot
+from .handback import HEADER, HandBack, restore_conn, send_message, snapshot
 from .log import Log
 from .proctitle import FORKER_NAME, set_title
 from .room import PARENT_SIGNALS
@@ -76,12 +76,21 @@ class RoomOrder:
 
 
 class Forker:
-    """The server's handle on its room forker."""
+    """The server's handle on its room forker: the process (a :class:`Worker`: pid,
+    pidfd) and the server's end of their socket."""
 
-    def __init__(self, pid: int, sentinel: int, sock: socket.socket) -> None:
-        self.pid = pid
-        self.sentinel = sentinel  # its pidfd: readable once it has exited
+    def __init__(self, proc: Worker, sock: socket.socket) -> None:
+        self.proc = proc
         self.sock = sock
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def sentinel(self) -> int:
+        """Its pidfd: readable once it has exited."""
+        return self.proc.sentinel
 
     def order(
         self, number: int, count_address: int, first: Conn, second: Conn, channel: socket.socket
@@ -112,25 +121,15 @@ class Forker:
 
     def stop(self, timeout: float) -> int | None:
         """Close the server's end (the forker then reaps what it has left and exits),
-        wait up to ``timeout`` seconds, SIGKILL it if it is still there, and reap it.
-        Returns its exit code (None if it could not be reaped)."""
+        wait up to ``timeout`` seconds (0: it failed, or has exited already), SIGKILL it
+        if it is still there, and reap it. Returns its exit code (None if it could not
+        be reaped)."""
         self.sock.close()
-        worker = Worker(self.pid, self.sentinel)
-        code = worker.join(timeout)
+        code = self.proc.join(timeout)
         if code is None:
-            worker.kill()
-            code = worker.join(KILL_WAIT)
-        worker.close()
-        return code
-
-    def kill(self) -> int | None:
-        """SIGKILL the forker (it failed) and reap it; its exit code, None if it
-        could not be reaped."""
-        self.sock.close()
-        worker = Worker(self.pid, self.sentinel)
-        worker.kill()
-        code = worker.join(KILL_WAIT)
-        worker.close()
+            self.proc.kill()
+            code = self.proc.join(KILL_WAIT)
+        self.proc.close()
         return code
 
 
@@ -141,14 +140,6 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {ANSWER_TIMEOUT:g} s"
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-
-
-def send_message(sock: socket.socket, message: Any, fds: list[int]) -> None:
-    """Send one message (length, pickle) with ``fds`` on its first bytes (blocking)."""
-    data = encode(message)
-    sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
-    if sent < len(data):
-        sock.sendall(data[sent:])
 
 
 def read_message(sock: socket.socket, max_fds: int) -> tuple[Any, list[int]]:
@@ -206,7 +197,7 @@ def start_forker(server: Any) -> Forker:
         theirs.close()
     server.fds.own(sentinel)
     ours.settimeout(ANSWER_TIMEOUT)
-    return Forker(pid, sentinel, ours)
+    return Forker(Worker(pid, sentinel), ours)
 
 
 def run_forker(server: Any, sock: socket.socket) -> int:
@@ -236,7 +227,7 @@ class ForkerLoop:
         self.poller = select.epoll()
         server.fds.own(self.poller.fileno())  # its workers close it
         self.poller.register(sock, select.EPOLLIN)
-        self.workers: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, room number)
+        self.workers: dict[int, tuple[Worker, int]] = {}  # pidfd -> (worker, room number)
         self.taking_orders = True
 
     def run(self) -> int:
@@ -273,20 +264,19 @@ class ForkerLoop:
         except WorkerError as exc:
             return ("error", str(exc)), None
         self.server.fds.own(pidfd)  # later workers close it
-        self.workers[pidfd] = (pid, order.number)
+        self.workers[pidfd] = (Worker(pid, pidfd), order.number)
         self.poller.register(pidfd, select.EPOLLIN)
         return ("ok", pid), pidfd
 
     def reap(self, pidfd: int) -> None:
         """A worker exited: reap it, log an abnormal end as the server would."""
-        pid, number = self.workers.pop(pidfd)
+        worker, number = self.workers.pop(pidfd)
         self.poller.unregister(pidfd)
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
+        code = worker.join()
         if code:
-            self.server.log.error(f"room {number} worker pid {pid} {describe_exit(code)}")
+            self.server.log.error(f"room {number} worker pid {worker.pid} {describe_exit(code)}")
         self.server.fds.disown(pidfd)
-        os.close(pidfd)
+        worker.close()
 
     def stop_orders(self) -> None:
         """The server closed its end (or died): no more orders."""

@@ -97,13 +97,19 @@ def encode(record: object) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def send_message(sock: socket.socket, message: object, fds: list[int]) -> None:
+    """Send one message (length, pickle) with ``fds`` on its first bytes (blocking).
+    The hand-backs' framing; the room forker's orders and answers use it too."""
+    data = encode(message)
+    sent = socket.send_fds(sock, [data], fds) if fds else sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
 def send_handback(channel: socket.socket, record: HandBack, fd: int) -> None:
     """Send ``record`` with the client's socket ``fd`` (blocking). Raises OSError if the
     parent is gone; the descriptor then stays with the caller, to close."""
-    data = encode(record)
-    sent = socket.send_fds(channel, [data], [fd])
-    if sent < len(data):
-        channel.sendall(data[sent:])
+    send_message(channel, record, [fd])
 
 
 class ChannelReader:

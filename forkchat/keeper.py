@@ -268,7 +268,7 @@ class RoomKeeper:
         self.sel.unregister(forker.sentinel)
         self.fds.disown(forker.sentinel)
         self.fds.disown(forker.sock.fileno())
-        code = forker.kill() if failure else forker.stop(timeout=0)
+        code = forker.stop(timeout=0)  # exited already, or failed: then it is killed
         how = f"failed ({failure})" if failure else describe_exit(code or 0)
         self.log.error(f"room forker pid {forker.pid} {how}; the server forks the rooms itself")
         self.reap_strays()

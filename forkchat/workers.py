@@ -14,8 +14,8 @@ four fds and a dozen syscalls per fork. See the README's Performance section.
 
 Each room gets its client count, a ``multiprocessing.Value`` from the fork context
 pinned below, in memory reserved before any fork (:class:`Counts`; only the worker
-writes it until it is gone), and its channel (a Unix socketpair for hand-backs, ``handback.py``; the
-worker also sees the server die through it). The server (``server.py``,
+writes it until it is gone), and its channel (a Unix socketpair for hand-backs,
+``handback.py``; the worker also sees the server die through it). The server (``server.py``,
 ``keeper.py``) decides when to open and reap rooms; this module does the forking and
 the bookkeeping around it.
 """
