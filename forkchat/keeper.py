@@ -19,22 +19,19 @@ import time
 from typing import Any
 
 from . import protocol as p
+from .children import Worker, WorkerError, describe_exit, own_children
 from .conn import IN_ROOM, WAITING, Conn
-from .forker import GO, ForkerGone, start_forker
+from .forker import GO, RoomSetup
 from .handback import ChannelReader, HandBack, restore_conn
-from .log import Log
-from .proctitle import ROOM_NAME, room_title, set_title
-from .room import RoomRules, reset_inherited_signals, run_room
+from .room import RoomRules, start_room
 from .workers import (
+    ForkerGone,
     RoomProc,
-    Worker,
-    WorkerError,
     abandon_room,
     become_subreaper,
-    describe_exit,
     fork_worker,
-    own_children,
     prepare_room,
+    start_forker,
 )
 
 STOP_GRACE = 5.0  # seconds rooms get to say BYE at shutdown before they are killed
@@ -117,10 +114,10 @@ class RoomKeeper:
         did, leaves no room (the caller closes ``ours``: the worker sees it and exits).
         A count the forker cannot see (outside the memory reserved for counts) makes
         this room one the server forks itself."""
-        address = self.counts.address_of(clients)
-        if address is None:
+        offset = self.counts.offset_of(clients)
+        if offset is None:
             return self.fork_here(number, clients, first, second, ours, theirs)
-        worker = self.forker.order(number, address, first, second, theirs)
+        worker = self.forker.order(number, offset, first, second, theirs)
         try:
             ours.send(GO)
         except OSError:
@@ -144,14 +141,10 @@ class RoomKeeper:
     def become_room(
         self, number: int, first: Conn, second: Conn, clients: Any, channel: socket.socket
     ) -> int:
-        """Child side of the fork: drop everything of the parent's but the pair and the
-        room's end of its channel, then relay. Returns the worker's exit status."""
-        reset_inherited_signals()
-        self.fds.close_all(keep=(first.fd, second.fd, channel.fileno()))
-        set_title(room_title(number, first.name, second.name), ROOM_NAME)
-        log = Log(f"room {number} pid {os.getpid()}", self.log.color, self.log.stream)
+        """Child side of the fork: become the room (``room.start_room``). Returns the
+        worker's exit status."""
         rules = RoomRules(self.opts.idle_timeout, self.opts.requeue, channel, self.tls is not None)
-        return run_room(number, first, second, clients, rules, log)
+        return start_room(number, first, second, clients, rules, self.log, self.fds)
 
     def on_sentinel(self, key: Any, mask: int) -> None:
         self.reap_room(key.fd)
@@ -242,18 +235,26 @@ class RoomKeeper:
         self.fds.disown(room.channel.fileno())
         room.channel.close()
 
-    def start_forker(self) -> None:
-        """Fork the room forker (``forker.py``), unless rooms need this process's memory
-        (TLS sessions). Without one, or once it is gone, rooms are forked here."""
+    def start_forker(self) -> str | None:
+        """Start the room forker (``forker.py``), unless rooms need this process's memory
+        (TLS sessions). Without one, or once it is gone, rooms are forked here. Returns
+        why it could not be started, for the log (after the listen line), or None."""
         become_subreaper()  # should the forker die, its rooms are ours to reap
         if self.tls is not None:
-            return
+            return None
         try:
-            self.forker = start_forker(self)
+            setup = RoomSetup(
+                self.opts.max_line,
+                self.opts.idle_timeout,
+                self.opts.requeue,
+                self.log.color,
+                self.counts.arena.size if self.counts.arena is not None else 0,
+            )
+            self.forker = start_forker(setup, self.counts, self.fds)
         except WorkerError as exc:
-            self.log.error(f"{exc}: the server forks the rooms itself")
-            return
+            return f"{exc}: the server forks the rooms itself"
         self.sel.register(self.forker.sentinel, selectors.EVENT_READ, self.on_forker_exit)
+        return None
 
     def on_forker_exit(self, key: Any, mask: int) -> None:
         self.lose_forker()

@@ -11,10 +11,39 @@ in both. ``bin/pids`` and the pidfile check rely on these names.
 
 from __future__ import annotations
 
-try:  # a C extension: if a platform lacks it, comm alone still names the process
-    from setproctitle import setproctitle
-except ImportError:  # pragma: no cover
-    setproctitle = None
+import importlib.machinery
+import importlib.util
+import os
+from typing import Any
+
+
+def load_setproctitle() -> Any:
+    """setproctitle's C extension alone, without its package, whose ``__init__`` imports
+    ``logging`` and with it ``threading``: their at-fork hooks would then run (and write
+    pages) in every room the forker forks. None if it is not installed: comm alone
+    still names the process."""
+    try:
+        spec = importlib.util.find_spec("setproctitle")
+        for where in (spec.submodule_search_locations or []) if spec else []:
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                path = os.path.join(where, "_setproctitle" + suffix)
+                if os.path.exists(path):
+                    loader = importlib.machinery.ExtensionFileLoader(
+                        "setproctitle._setproctitle", path
+                    )
+                    module = importlib.util.module_from_spec(
+                        importlib.util.spec_from_loader(loader.name, loader)
+                    )
+                    loader.exec_module(module)
+                    return module
+    except (ImportError, OSError):  # pragma: no cover
+        pass
+    return None
+
+
+_spt = load_setproctitle()
+setproctitle = _spt.setproctitle if _spt is not None else None
+getproctitle = _spt.getproctitle if _spt is not None else None
 
 SERVER_NAME = "forkchat-server"
 ROOM_NAME = "forkchat-room"
@@ -33,9 +62,7 @@ def prepare_titles() -> None:
     """In the parent, before any fork: let setproctitle make room for titles once (it
     moves the environment out of the argv area on first use). Done in each worker
     instead, that first use would copy the environment into every one of them."""
-    if setproctitle is not None:
-        from setproctitle import getproctitle
-
+    if getproctitle is not None:
         getproctitle()
 
 

@@ -26,8 +26,10 @@ from typing import Any
 
 from . import protocol as p
 from .conn import RECV_BUFFER, WOULD_BLOCK, Conn
+from .fdmap import FdMap
 from .handback import send_handback, snapshot
 from .log import Log
+from .proctitle import ROOM_NAME, room_title, set_title
 
 READ = select.EPOLLIN
 MSG_TAIL = b"\n" + p.TURN_WRITE_LINE  # after "MSG " and the message
@@ -493,6 +495,23 @@ def send_now(conn: Conn, data: bytes) -> None:
         conn.sock.send(data)
     except OSError:
         pass
+
+
+def start_room(
+    number: int, first: Conn, second: Conn, clients: Any, rules: RoomRules, parent: Log, fds: FdMap
+) -> int:
+    """In a new worker, forked by the server or the forker (``parent`` is the forking
+    process's log, ``fds`` its fd map): drop everything of the parent's but the pair and
+    the room's end of its channel, name the process, then relay (:func:`run_room`).
+    Returns the worker's exit status."""
+    reset_inherited_signals()
+    keep = [first.fd, second.fd]
+    if rules.channel is not None:
+        keep.append(rules.channel.fileno())
+    fds.close_all(keep=keep)
+    set_title(room_title(number, first.name, second.name), ROOM_NAME)
+    log = Log(f"room {number} pid {os.getpid()}", parent.color, parent.stream)
+    return run_room(number, first, second, clients, rules, log)
 
 
 def run_room(

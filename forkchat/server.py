@@ -32,7 +32,6 @@ from .conn import (
     format_peer,
 )
 from .fdmap import FdMap
-from .forker import Forker
 from .frontdoor import FrontDoor
 from .keeper import STOP_GRACE, RoomKeeper
 from .log import Log
@@ -41,7 +40,7 @@ from .preamble import Preamble
 from .room import LINGER, PARENT_SIGNALS
 from .tlsconf import TlsError, server_context
 from .waitlist import WaitList, may_pair
-from .workers import Counts, RoomProc, format_report
+from .workers import Counts, Forker, RoomProc, format_report
 
 EXIT_OK = 0
 BACKLOG = 4096
@@ -141,10 +140,12 @@ class Server(FrontDoor, RoomKeeper):
                 write_pidfile(self.opts.pidfile)
             except PidfileError as exc:
                 raise StartupError(str(exc)) from None
-        self.start_forker()
+        no_forker = self.start_forker()
         self.sel.register(self.listener, selectors.EVENT_READ, self.accept_clients)
         self.install_signals()
         self.log.plain(f"forkchat server listening on {self.address} pid {os.getpid()}")
+        if no_forker:
+            self.log.error(no_forker)
 
     def open_listener(self) -> socket.socket:
         """The socket systemd passed on fd 3 (socket activation), or our own, bound to

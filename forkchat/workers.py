@@ -1,19 +1,18 @@
-"""The parent's side of room workers: forking one, watching it, reaping it.
+"""The parent's side of room workers: starting one (ordered from the room forker, or
+forked here), watching it, reaping it; and starting and ordering the forker itself.
 
 A room worker is a plain ``os.fork()`` child, forked by the room forker
 (``forker.py``) or, for a TLS server or once the forker is gone, by the server itself.
-The server watches each one through a pidfd: a file descriptor the kernel makes
-readable when that one process exits, the sentinel the server's selector waits on. It
-signals through it too (``pidfd_send_signal``: never another process that reused the
-PID) and reaps its own children through it (``waitid(P_PIDFD)``); the forker's are
-reaped by the forker. ``multiprocessing.Process`` did the same with more: two pipes, a
+The server watches each one through a pidfd (``children.py``): it waits on it, signals
+through it and reaps its own children through it; the forker's are reaped by the
+forker. ``multiprocessing.Process`` did the same with more: two pipes, a
 finalizer and a bootstrap per child. Its bootstrap clears the finalizer registry, which
 holds an entry per live child, so each new worker wrote to as many of the parent's
 objects as there were rooms open (memory per room grew with the rooms); its pipes cost
 four fds and a dozen syscalls per fork. See the README's Performance section.
 
 Each room gets its client count, a ``multiprocessing.Value`` from the fork context
-pinned below, in memory reserved before any fork (:class:`Counts`; only the worker
+pinned below, in the arena the forker maps too (:class:`Counts`; only the worker
 writes it until it is gone), and its channel (a Unix socketpair for hand-backs,
 ``handback.py``; the worker also sees the server die through it). The server (``server.py``,
 ``keeper.py``) decides when to open and reap rooms; this module does the forking and
@@ -23,51 +22,62 @@ the bookkeeping around it.
 from __future__ import annotations
 
 import ctypes
-import gc
 import mmap
 import multiprocessing
 import multiprocessing.sharedctypes  # imported now: lazily, at the first room, fds may be short
 import os
-import select
+import pickle
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from .children import Worker, WorkerError, describe_exit, fork_child
+from .conn import Conn
 from .fdmap import FdMap
-from .handback import ChannelReader
-from .room import EXIT_CRASH, PARENT_SIGNALS
+from .forker import RoomOrder, RoomSetup, close_all, read_message
+from .handback import ChannelReader, send_message, snapshot
 
 # The start method is pinned once, here: the counts live in the fork context's shared
 # memory, which forked workers inherit (Python 3.14 changes the Linux default).
 MP = multiprocessing.get_context("fork")
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
-
-
 COUNT_BLOCK = 8  # bytes multiprocessing's heap gives a Value("i") (4, aligned to 8)
+ANSWER_TIMEOUT = 5.0  # seconds the server waits for the forker's answer before giving up
+KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed forker to exit
+# The forker's command line: a fresh interpreter, isolated (-I: no user site, no
+# PYTHON* variables, no script directory), that imports forkchat from where we did.
+FORKER_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from forkchat.forker import main; sys.exit(main(sys.argv[2:]))"
+)
 
 
 class Counts:
     """Every room's client count: a ``multiprocessing.Value("i", lock=False)`` of its
     own, a C int in the fork context's shared memory.
 
-    The room forker, forked at start, sees only the shared memory mapped by then, and a
-    Value made later for a room it forks must lie there. So, before the forker,
+    The room forker is another interpreter: it maps one arena of that shared memory,
+    passed at its start, and its workers write their counts there. So, first thing,
     :meth:`__init__` has multiprocessing's heap map one arena big enough for twice
     ``rooms`` Values and gives that block straight back: the heap cuts the later Values
-    from it (it takes a new arena only when no free block fits). :meth:`address_of`
-    checks each one (the guard: a room whose Value lies elsewhere is forked by the
-    server itself), and the forker's worker writes the Value through that address
-    (:func:`count_at`). Only that worker writes it until it is gone.
+    from it (it takes a new arena only when no free block fits). :meth:`offset_of`
+    places each one in that arena (the guard: a room whose Value lies elsewhere is
+    forked by the server itself), and the forker's worker writes the Value at that
+    offset (``forker.SharedCount``). Only that worker writes it until it is gone.
+
+    Where a Value lies is multiprocessing's private ``_wrapper._state`` (stable since
+    Python 3.8); without it, :attr:`arena` is None and the server forks its rooms itself.
     """
 
     def __init__(self, rooms: int) -> None:
         size = -(-2 * rooms * COUNT_BLOCK // mmap.PAGESIZE) * mmap.PAGESIZE
         reserve = MP.RawArray(ctypes.c_char, size)
-        self.low = ctypes.addressof(reserve)
-        self.high = self.low + size
-        del reserve  # the block goes back to the heap; its arena stays mapped, here and in forks
+        self.arena = block_of(reserve)[0]
+        del reserve  # the block goes back to the heap; its arena stays mapped
 
     @staticmethod
     def new() -> Any:
@@ -77,17 +87,20 @@ class Counts:
         except OSError as exc:  # a new arena needs an fd
             raise WorkerError(f"cannot make a room count: {exc.strerror or exc}") from None
 
-    def address_of(self, value: Any) -> int | None:
-        """Where ``value`` lies, if that is in the memory reserved before the forker
-        (so the forker and its workers see it too); None if not."""
-        address = ctypes.addressof(value)
-        return address if self.low <= address < self.high else None
+    def offset_of(self, value: Any) -> int | None:
+        """Where ``value`` lies in the arena the forker maps; None if elsewhere."""
+        arena, start = block_of(value)
+        return start if arena is not None and arena is self.arena else None
 
 
-def count_at(address: int) -> ctypes.c_int:
-    """The room's count at ``address`` (from :meth:`Counts.address_of`), in a process
-    forked after the Counts were made: the same C int as the server's Value."""
-    return ctypes.c_int.from_address(address)
+def block_of(shared: Any) -> tuple[Any, int]:
+    """The heap arena a ``multiprocessing.sharedctypes`` object lies in, and its offset
+    there; (None, 0) if this Python keeps that elsewhere."""
+    try:
+        (arena, start, _stop), _size = shared._wrapper._state
+    except (AttributeError, TypeError, ValueError):
+        return None, 0
+    return (arena, start) if hasattr(arena, "fd") and hasattr(arena, "size") else (None, 0)
 
 
 def become_subreaper() -> bool:
@@ -99,91 +112,6 @@ def become_subreaper() -> bool:
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-
-
-class WorkerError(Exception):
-    """A room worker cannot be started now (out of fds, processes or memory)."""
-
-
-class Worker:
-    """A room worker as the server sees it: PID, sentinel (a pidfd), exit code.
-
-    The server's own child is reaped through its pidfd and gets its exit code. A worker
-    the room forker forked is reaped, and its ending logged, by the forker: the server
-    learns only that it exited (its pidfd is readable), and records exit code 0. Should
-    the forker die first, the worker becomes the server's child (the server is a
-    subreaper): reaped here through its pidfd if still watched, else by the server's
-    ``reap_strays``.
-    """
-
-    __slots__ = ("exitcode", "pid", "sentinel")
-
-    def __init__(self, pid: int, sentinel: int) -> None:
-        self.pid = pid
-        self.sentinel = sentinel  # readable once the worker has exited
-        self.exitcode: int | None = None  # as multiprocessing: -N for signal N
-
-    def poll(self) -> int | None:
-        """Reap the worker if it has exited (never blocks); its exit code or None.
-
-        Once this returns a code the worker is gone: signal it only while it is None."""
-        if self.exitcode is None:
-            try:
-                result = os.waitid(os.P_PIDFD, self.sentinel, os.WEXITED | os.WNOHANG)
-            except ChildProcessError:  # the forker's child: it reaps, and logs how it ended
-                if is_readable(self.sentinel):
-                    self.exitcode = 0
-            else:
-                if result is not None:
-                    self.exitcode = exit_code(result)
-        return self.exitcode
-
-    def join(self, timeout: float | None = None) -> int | None:
-        """Wait up to ``timeout`` seconds (None: for ever) for the exit, then reap."""
-        if self.exitcode is None:
-            is_readable(self.sentinel, timeout)
-        return self.poll()
-
-    def signal(self, signum: int) -> None:
-        """Send ``signum`` through the pidfd, if the worker has not exited."""
-        if self.poll() is None:
-            try:
-                signal.pidfd_send_signal(self.sentinel, signum)
-            except ProcessLookupError:
-                pass
-
-    def kill(self) -> None:
-        """SIGKILL, if not exited yet."""
-        self.signal(signal.SIGKILL)
-
-    def close(self) -> None:
-        """Release the sentinel (after the reap)."""
-        os.close(self.sentinel)
-
-
-def own_children() -> list[int]:
-    """This process's children, by PID, from /proc (its main thread's list)."""
-    pid = os.getpid()
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
-            return [int(word) for word in f.read().split()]
-    except OSError:
-        return []
-
-
-def is_readable(fd: int, timeout: float | None = 0) -> bool:
-    """Whether ``fd`` is readable within ``timeout`` seconds (None: wait for ever).
-    (poll(2), not select(2): the fd's number may be past 1023.)"""
-    waiter = select.poll()
-    waiter.register(fd, select.POLLIN)
-    return bool(waiter.poll(None if timeout is None else max(0, int(timeout * 1000))))
-
-
-def exit_code(result: os.waitid_result) -> int:
-    """A waitid result as an exit code: the status, or -N for a signal N."""
-    if result.si_code == os.CLD_EXITED:
-        return result.si_status
-    return -result.si_status
 
 
 @dataclass
@@ -225,60 +153,12 @@ def abandon_room(channel: socket.socket, fds: FdMap) -> None:
     channel.close()
 
 
-def fork_child(target: Callable[..., int], args: tuple) -> tuple[int, int]:
-    """Fork a child that runs ``target(*args)`` and exits with its return value.
-    Returns (pid, pidfd). Raises WorkerError if it cannot be done now; a child that was
-    forked but cannot be watched (out of fds) is killed and reaped.
-
-    Signals are blocked around the fork so none lands in a half-made child, and the
-    heap is frozen so the child's gc never touches (and copies) the parent's objects.
-    """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
-    gc.freeze()
-    pid = 0
-    try:
-        pid = os.fork()
-        if pid == 0:
-            run_child(target, args)  # never returns
-        return pid, os.pidfd_open(pid)
-    except OSError as exc:
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        raise WorkerError(f"cannot fork a room worker: {exc.strerror or exc}") from None
-    finally:
-        gc.unfreeze()
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def fork_worker(target: Callable[..., int], args: tuple, fds: FdMap) -> Worker:
     """Fork a room worker from this process: ``target(*args)`` runs in it. Its
     sentinel is marked in ``fds`` (later workers close it). Raises WorkerError."""
     pid, sentinel = fork_child(target, args)
     fds.own(sentinel)
     return Worker(pid, sentinel)
-
-
-def run_child(target: Callable[..., int], args: tuple) -> None:
-    """The child's side of the fork. This must never return, hence os._exit(): the
-    parent's stack above us is not ours to unwind."""
-    code = EXIT_CRASH
-    try:
-        code = target(*args)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else EXIT_CRASH
-    finally:
-        os._exit(code)
-
-
-def describe_exit(code: int) -> str:
-    """``exited with status 3`` or ``killed by SIGKILL`` for a Worker.exitcode."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 def format_report(rooms: Any, waiting: int, handshaking: int) -> str:
@@ -294,3 +174,134 @@ def format_report(rooms: Any, waiting: int, handshaking: int) -> str:
         f"NUMBER OF CLIENTS : ** {clients} **\n"
         f"rooms {len(live)}, waiting {waiting}, handshaking {handshaking}"
     )
+
+
+# -- the server's side of the room forker --------------------------------------------------
+
+
+class ForkerGone(Exception):
+    """The forker cannot take orders any more (it exited, or stopped answering)."""
+
+
+class Forker:
+    """The server's handle on its room forker: the process (a :class:`Worker`: pid,
+    pidfd) and the server's end of their socket."""
+
+    def __init__(self, proc: Worker, sock: socket.socket) -> None:
+        self.proc = proc
+        self.sock = sock
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def sentinel(self) -> int:
+        """Its pidfd: readable once it has exited."""
+        return self.proc.sentinel
+
+    def order(
+        self, number: int, count_offset: int, first: Conn, second: Conn, channel: socket.socket
+    ) -> Worker:
+        """Have the forker fork room ``number`` for the pair, with ``channel`` (the
+        worker's end) and its count at ``count_offset`` in the counts' arena. The
+        server keeps its own copies of the sockets, to close once the room is under
+        way; the worker waits for ``forker.GO`` on the channel. Raises WorkerError if no
+        worker can be watched (the forker goes on), ForkerGone if the forker is no use
+        any more."""
+        records = (snapshot(first, first.avoid or 0), snapshot(second, second.avoid or 0))
+        try:
+            send_message(
+                self.sock,
+                RoomOrder(number, count_offset, records),
+                [first.fd, second.fd, channel.fileno()],
+            )
+            answer, fds = read_message(self.sock, 1)
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            raise ForkerGone(describe_failure(exc)) from None
+        kind, value = answer
+        if kind == "ok" and len(fds) == 1:
+            return Worker(value, fds[0])
+        close_all(fds)
+        if kind == "ok":  # forked, but its pidfd did not fit: it waits for a GO never sent
+            raise WorkerError(f"room {number}: cannot watch its worker (out of fds)")
+        raise WorkerError(str(value))
+
+    def stop(self, timeout: float) -> int | None:
+        """Close the server's end (the forker then reaps what it has left and exits),
+        wait up to ``timeout`` seconds (0: it failed, or has exited already), SIGKILL it
+        if it is still there, and reap it. Returns its exit code (None if it could not
+        be reaped)."""
+        self.sock.close()
+        code = self.proc.join(timeout)
+        if code is None:
+            self.proc.kill()
+            code = self.proc.join(KILL_WAIT)
+        self.proc.close()
+        return code
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Why talking to the forker failed, in a few words for the log."""
+    if isinstance(exc, EOFError):
+        return "it closed its socket"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {ANSWER_TIMEOUT:g} s"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def start_forker(setup: RoomSetup, counts: Counts, fds: FdMap) -> Forker:
+    """Start the room forker, send it ``setup`` and wait (up to ANSWER_TIMEOUT) until
+    it is ready. Raises WorkerError, leaving nothing behind. The server's end of their
+    socket and the forker's pidfd are marked in ``fds``."""
+    if counts.arena is None:
+        raise WorkerError("cannot find the counts' shared memory for a room forker")
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise WorkerError(f"cannot make the forker's socket: {exc.strerror or exc}") from None
+    try:
+        proc = spawn_forker(theirs.fileno(), counts.arena.fd)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    forker = Forker(proc, ours)
+    ours.settimeout(ANSWER_TIMEOUT)
+    try:
+        send_message(ours, setup, [])
+        answer, _ = read_message(ours, 0)
+        if answer[0] != "ready":
+            raise EOFError
+    except (OSError, EOFError, pickle.UnpicklingError) as exc:
+        ended = isinstance(exc, (EOFError, ConnectionError))  # it exits: wait, say how
+        code = forker.stop(ANSWER_TIMEOUT if ended else 0)
+        why = describe_exit(code) if ended and code is not None else describe_failure(exc)
+        raise WorkerError(f"the room forker did not start ({why})") from None
+    fds.own(ours.fileno())
+    fds.own(proc.sentinel)
+    return forker
+
+
+def spawn_forker(sock_fd: int, arena_fd: int) -> Worker:
+    """Start the forker's interpreter (``posix_spawn``: no fork of this process) with
+    ``sock_fd`` and ``arena_fd``, and no other of our descriptors (they are all
+    close-on-exec). Raises WorkerError."""
+    root = str(Path(__file__).resolve().parent.parent)
+    argv = [sys.executable, "-I", "-c", FORKER_BOOT, root, str(sock_fd), str(arena_fd)]
+    pid = 0
+    try:
+        if not sys.executable:
+            raise OSError("no Python executable to start")
+        os.set_inheritable(sock_fd, True)
+        os.set_inheritable(arena_fd, True)
+        pid = os.posix_spawn(sys.executable, argv, os.environ, setsigmask=())
+        return Worker(pid, os.pidfd_open(pid))
+    except OSError as exc:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise WorkerError(f"cannot start the room forker: {exc.strerror or exc}") from None
+    finally:
+        os.set_inheritable(arena_fd, False)

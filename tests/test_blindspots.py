@@ -146,11 +146,19 @@ def test_server_tunes_every_accepted_socket_in_parent_and_room(server):
 CRASHING_SERVER = """\
 import sys
 sys.path.insert(0, sys.argv.pop(1))
-import forkchat.cli, forkchat.room
+FAULT = '''
+import forkchat.room
 assert hasattr(forkchat.room.Room, "relay"), "Room.relay is gone: move the fault"
 def relay(self, writer, line):
     raise RuntimeError("injected fault")
 forkchat.room.Room.relay = relay
+'''
+exec(FAULT)  # in the server, for rooms it forks itself
+import forkchat.cli, forkchat.workers
+# and in the room forker, another interpreter, for the rooms it forks
+forkchat.workers.FORKER_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[1])\\n" + FAULT + forkchat.workers.FORKER_BOOT
+)
 sys.exit(forkchat.cli.main(sys.argv[1:]))
 """
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import subprocess
+import sys
 
 import psutil
 import pytest
 
 from support import (
     DEADLINE,
+    ROOT,
     Peer,
     ServerProc,
     close_all,
@@ -38,6 +41,33 @@ def chat(writer: Peer, reader: Peer, text: str) -> None:
     writer.expect("TURN READ")
 
 
+def extensions(pid: int) -> set[str]:
+    """The C extension modules process ``pid`` has loaded (from its memory map)."""
+    with open(f"/proc/{pid}/maps") as f:
+        names = {line.split()[-1].rsplit("/", 1)[-1] for line in f if ".cpython-" in line}
+    return {name.split(".", 1)[0] for name in names}
+
+
+def test_the_forker_imports_nothing_whose_at_fork_hooks_would_run_in_every_room():
+    """Breaks if forker.py (or what it imports) pulls in a module that registers an
+    at-fork hook (threading, logging, random) or the server's machinery."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import forkchat.forker; "
+        "print(' '.join(sys.modules))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", code, str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=True,
+    )
+    modules = set(run.stdout.split())
+    assert "forkchat.room" in modules
+    heavy = {"threading", "logging", "random", "multiprocessing", "ctypes", "forkchat.workers"}
+    assert not heavy & modules
+
+
 def test_a_plain_server_forks_its_rooms_through_one_forker_that_holds_nothing_of_it(server):
     forker = server.forker()
     assert forker.ppid() == server.pid
@@ -52,6 +82,11 @@ def test_a_plain_server_forks_its_rooms_through_one_forker_that_holds_nothing_of
     assert forker.net_connections(kind="inet") == []
     assert socket_fds(forker.pid) == 1
     assert all(socket_fds(pid) == 3 for pid in rooms)
+    # A fresh interpreter, not a fork of the server: none of the server's extension
+    # modules that a room does not need (each costs every fork), the rooms' counts
+    # still exact (they write the server's Values through the forker's mapping).
+    assert {"_ctypes", "_random", "_posixsubprocess"} <= extensions(server.pid)
+    assert not {"_ctypes", "_random", "_posixsubprocess"} & extensions(forker.pid)
     chat(a, b, "hello")
     chat(c, d, "hi")
     assert report(server) == (4, 2, 0, 0)
@@ -169,3 +204,31 @@ def test_the_forker_ignores_the_terminal_and_leaves_with_the_server(server):
     # The server reaped it before its last line: nothing of it is left.
     assert not psutil.pid_exists(forker.pid)
     assert server.out.lines[-1] == "SERVER WILL DISCONNECT"
+
+
+BROKEN_FORKER_SERVER = """\
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+import forkchat.cli, forkchat.workers
+forkchat.workers.FORKER_BOOT = "import sys; sys.exit(3)"  # the forker's interpreter fails
+sys.exit(forkchat.cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_forker_that_cannot_start_is_logged_and_the_server_forks_the_rooms_itself():
+    launcher = [sys.executable, "-c", BROKEN_FORKER_SERVER, str(ROOT)]
+    srv = ServerProc("--no-color", launcher=launcher)
+    try:
+        srv.out.wait_for(
+            r"the room forker did not start \(exited with status 3\): the server forks the rooms "
+            r"itself"
+        )
+        assert [p for p in srv.descendants()] == []  # it was reaped
+        a, b = pair(srv.address)
+        pid = room_pid(srv, 1)
+        assert psutil.Process(pid).ppid() == srv.pid
+        chat(a, b, "hello")
+        assert report(srv) == (2, 1, 0, 0)
+        close_all((a, b))
+    finally:
+        srv.stop()

@@ -433,7 +433,10 @@ class PidsCgroupLimit:
 
     def lift(self, srv: ServerProc) -> None:
         for pid in (srv.pid, *(p.pid for p in srv.descendants())):
-            (self.ROOT / "cgroup.procs").write_text(str(pid))
+            try:
+                (self.ROOT / "cgroup.procs").write_text(str(pid))
+            except ProcessLookupError:  # gone since it was listed: nothing to lift
+                pass
 
     def cleanup(self, srv: ServerProc) -> None:
         if self.group.exists():
