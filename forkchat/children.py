@@ -11,6 +11,11 @@ pays for (its at-fork hooks run in every child, and its objects are paged in).
 
 from __future__ import annotations
 
+# signal's C half. signal.pthread_sigmask() and signal.signal() wrap these functions to
+# turn their answers into enums; in the forker, on every fork, and in every new worker,
+# that enum machinery would write to (and copy) some thirty pages of inherited memory.
+# Where the answer is an int or unused, forkchat calls the C functions directly.
+import _signal
 import gc
 import os
 import select
@@ -113,7 +118,7 @@ def fork_child(target: Callable[..., int], args: tuple) -> tuple[int, int]:
     Signals are blocked around the fork so none lands in a half-made child, and the
     heap is frozen so the child's gc never touches (and copies) the parent's objects.
     """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
+    old = _signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)  # see the import
     gc.freeze()
     pid = 0
     try:
@@ -128,7 +133,7 @@ def fork_child(target: Callable[..., int], args: tuple) -> tuple[int, int]:
         raise WorkerError(f"cannot fork a room worker: {exc.strerror or exc}") from None
     finally:
         gc.unfreeze()
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def run_child(target: Callable[..., int], args: tuple) -> None:

@@ -67,12 +67,19 @@ def prepare_titles() -> None:
 
 
 def set_comm(comm: str) -> None:
-    """Set ``comm`` alone (at most 15 bytes). Best effort: never raises."""
+    """Set ``comm`` alone (at most 15 bytes). Best effort: never raises. (Plain
+    ``os`` calls: ``open()`` would build a text file object, and a new room worker would
+    copy the pages that takes.)"""
     try:
-        with open("/proc/self/comm", "w") as f:
-            f.write(comm[:15])
+        fd = os.open("/proc/self/comm", os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.write(fd, comm[:15].encode())
     except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 def room_title(number: int, first: str | None, second: str | None) -> str:

@@ -15,6 +15,7 @@ SIGKILL at any moment cannot leave a lock held.
 
 from __future__ import annotations
 
+import _signal  # signal's C half: see reset_inherited_signals
 import os
 import select
 import selectors
@@ -51,13 +52,19 @@ ROOM_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 ROOM_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 
 
+def wake_only(signum: int, frame: Any) -> None:
+    """A stop signal's handler in a room: nothing; the wakeup fd wakes the loop."""
+
+
 def reset_inherited_signals() -> None:
-    """First thing in a fresh worker: drop the parent's wakeup fd and handlers."""
+    """First thing in a fresh worker: drop the parent's wakeup fd and handlers. (The C
+    functions behind signal.signal(): its wrapper would turn each old handler into an
+    enum, and a new worker would copy the pages that machinery writes to.)"""
     signal.set_wakeup_fd(-1)
     for sig in ROOM_STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
+        _signal.signal(sig, _signal.SIG_DFL)
     for sig in ROOM_IGNORED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        _signal.signal(sig, _signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -113,12 +120,12 @@ class Room:
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in ROOM_STOP_SIGNALS:
-            signal.signal(sig, lambda *_: None)
+            _signal.signal(sig, wake_only)
         self.watch(self.wake_r, select.EPOLLIN, "signal")
         if self.rules.channel is not None:
             self.watch(self.rules.channel.fileno(), select.EPOLLIN, "parent")
         # The parent blocked these around the fork; pending ones arrive now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
+        _signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
 
     def greet(self) -> None:
         """PAIRED and the first turns; then the lines that came with the names, in order."""
