@@ -11,14 +11,17 @@ from __future__ import annotations
 import errno
 import selectors
 import socket
-import ssl
 from collections import deque
+from typing import Any
 
 from .protocol import DEFAULT_MAX_LINE, LineReader, TooLong
 
 RECV_SIZE = 65536
-# A read or write that cannot go on now; over TLS, either may need the other direction.
-WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# A read or write that cannot go on now, on plain TCP; a TLS connection's
+# ``would_block`` adds ssl's want-read and want-write (either may need the other
+# direction). This module does not import ssl: the room forker, which rebuilds plain
+# connections only, does without it (each module it imports costs every room: forker.py).
+WOULD_BLOCK = (BlockingIOError, InterruptedError)
 # One receive buffer per process, reused by every read: a fresh 64 KiB object per recv()
 # would make each room worker copy-on-write that much of the parent's heap.
 RECV_BUFFER = bytearray(RECV_SIZE)
@@ -59,6 +62,10 @@ def format_peer(addr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class NeverRaised(Exception):
+    """Stands for an ssl exception in a plain connection's except clauses."""
+
+
 class Conn:
     """A client connection. ``fd`` stays valid as a key after ``close()``."""
 
@@ -77,6 +84,10 @@ class Conn:
         "reader",
         "sock",
         "state",
+        "tls",
+        "tls_eof",
+        "tls_error",
+        "would_block",
         "wr_shut",
     )
 
@@ -98,6 +109,19 @@ class Conn:
         self.wr_shut = False
         self.eof = False  # the peer closed its side (FIN): it sends no more
         self.events = 0  # what the owner's selector watches for on this socket now
+        self.tls = False  # use_tls() makes it True, and the three below ssl's
+        self.would_block: tuple[type[BaseException], ...] = WOULD_BLOCK
+        self.tls_eof: type[BaseException] = NeverRaised
+        self.tls_error: type[BaseException] = NeverRaised
+
+    def use_tls(self, sslsock: Any) -> None:
+        """Speak TLS from now on, over ``sslsock`` (an ``ssl.SSLSocket`` around our
+        socket; the handshake is the preamble's)."""
+        from .tlsconf import TLS_EOF, TLS_ERROR, TLS_WOULD_BLOCK  # the server has ssl
+
+        self.sock = sslsock
+        self.tls = True
+        self.would_block, self.tls_eof, self.tls_error = TLS_WOULD_BLOCK, TLS_EOF, TLS_ERROR
 
     def __repr__(self) -> str:
         return f"<Conn {self.label} {self.state}>"
@@ -116,9 +140,9 @@ class Conn:
         while True:
             try:
                 size = self.sock.recv_into(RECV_BUFFER)
-            except WOULD_BLOCK:
+            except self.would_block:
                 return True
-            except ssl.SSLEOFError:
+            except self.tls_eof:
                 size = 0  # TCP closed without TLS close_notify: still an end of input
             except OSError:
                 return False  # reset, keepalive timeout: the peer is gone
@@ -132,7 +156,7 @@ class Conn:
 
     def tls_pending(self) -> int:
         """Decrypted bytes waiting inside the TLS session (0 for plain TCP)."""
-        return self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
+        return self.sock.pending() if self.tls else 0
 
     def queue(self, data: bytes) -> bool:
         """Append output. False when the unsent output is over the bound (slow consumer)."""
@@ -147,7 +171,7 @@ class Conn:
         while self.out:
             try:
                 sent = self.sock.send(self.out)
-            except WOULD_BLOCK:
+            except self.would_block:
                 return False
             del self.out[:sent]
         return True
@@ -157,7 +181,7 @@ class Conn:
         everything before the close."""
         if not self.wr_shut:
             self.wr_shut = True
-            if isinstance(self.sock, ssl.SSLSocket):
+            if self.tls:
                 try:
                     self.sock.unwrap()  # sends close_notify; the peer's may come later
                 except (OSError, ValueError):
@@ -195,9 +219,9 @@ class Conn:
         if mask & selectors.EVENT_READ and not self.eof:
             try:
                 self.eof = not self.sock.recv(RECV_SIZE)
-            except WOULD_BLOCK:
+            except self.would_block:
                 pass
-            except ssl.SSLError:
+            except self.tls_error:
                 self.eof = True  # TLS trouble after our BYE: nothing more to read
             except OSError:
                 return True

@@ -16,7 +16,11 @@ has imported costs each child it forks. Its at-fork hooks run in every child
 by them (a copy-on-write fault each), and its mappings make ``fork()`` itself slower.
 Forked from the server, a room started at about twice the cost; the README's
 Performance section has the figures. Nothing here may import ``multiprocessing``,
-``threading``, ``logging``, ``ctypes`` or ``random`` (``tests/test_forker.py`` checks).
+``threading``, ``logging``, ``ctypes`` or ``random``, nor ``ssl`` or ``dataclasses``
+(the first maps two big libraries, the second pulls in ``inspect`` and ``ast``: over
+3 MiB together, which every ``fork()`` copies the page tables of), which is why the
+records below are named tuples and ``conn.py`` leaves ssl to TLS connections
+(``tests/test_forker.py`` checks).
 
 The server keeps one end of a Unix stream socketpair; a message is a length and a
 pickle (``handback``'s framing; both ends are this program):
@@ -57,8 +61,7 @@ import pickle
 import select
 import signal
 import socket
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .children import Worker, WorkerError, describe_exit, fork_child
 from .conn import IN_ROOM, Conn
@@ -74,8 +77,7 @@ ORDER_FDS = 3  # the two clients' sockets, the worker's end of the channel
 COUNT_SIZE = 4  # a Value("i"): one C int
 
 
-@dataclass
-class RoomSetup:
+class RoomSetup(NamedTuple):
     """What every room needs from the server's options, sent once at start."""
 
     max_line: int
@@ -85,8 +87,7 @@ class RoomSetup:
     arena_size: int  # bytes of the shared memory holding the counts
 
 
-@dataclass
-class RoomOrder:
+class RoomOrder(NamedTuple):
     """What the forker needs to fork a room, besides the descriptors."""
 
     number: int

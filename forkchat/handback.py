@@ -23,7 +23,8 @@ import pickle
 import socket
 import struct
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from .conn import Conn
 from .protocol import TOO_LONG, TooLong
@@ -33,8 +34,7 @@ MAX_FDS_PER_READ = 64
 READ_SIZE = 1 << 16
 
 
-@dataclass
-class HandBack:
+class HandBack(NamedTuple):
     """One client as its room leaves it. ``inbox`` holds lines as bytes, with ``None``
     standing for a line that was too long (pickle keeps no singletons)."""
 
@@ -44,7 +44,7 @@ class HandBack:
     avoid: int  # the id of the partner it just left
     why: str  # for the log: "said next", "partner bob left", ...
     text: str  # the WAIT text it is to get
-    inbox: list[bytes | None] = field(default_factory=list)
+    inbox: Sequence[bytes | None] = ()
     pending: bytes = b""
     discarding: bool = False
     out: bytes = b""

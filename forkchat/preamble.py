@@ -60,9 +60,11 @@ class Preamble:
 
     def step_tls(self) -> int:
         """The TLS handshake, one non-blocking step at a time."""
-        if not isinstance(self.conn.sock, ssl.SSLSocket):
-            self.conn.sock = self.tls.wrap_socket(
-                self.conn.sock, server_side=True, do_handshake_on_connect=False
+        if not self.conn.tls:
+            self.conn.use_tls(
+                self.tls.wrap_socket(
+                    self.conn.sock, server_side=True, do_handshake_on_connect=False
+                )
             )
         try:
             state = handshake_step(self.conn.sock)

@@ -10,7 +10,7 @@ most ``max_line`` bytes, LF (and that CR) excluded. See ``docs/protocol.md``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PROTOCOL_VERSION = "1.1"
 DEFAULT_MAX_LINE = 4096
@@ -246,8 +246,7 @@ def bye_line(reason: str, text: str) -> bytes:
     return make_line(BYE, reason, text)
 
 
-@dataclass(frozen=True)
-class ServerLine:
+class ServerLine(NamedTuple):
     """One line from the server, split into keyword, first argument and the rest."""
 
     keyword: str

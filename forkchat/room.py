@@ -22,11 +22,10 @@ import selectors
 import signal
 import socket
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import protocol as p
-from .conn import RECV_BUFFER, WOULD_BLOCK, Conn
+from .conn import RECV_BUFFER, Conn
 from .fdmap import FdMap
 from .handback import send_handback, snapshot
 from .log import Log
@@ -67,8 +66,7 @@ def reset_inherited_signals() -> None:
         _signal.signal(sig, _signal.SIG_IGN)
 
 
-@dataclass(frozen=True)
-class RoomRules:
+class RoomRules(NamedTuple):
     """How a room ends: the idle timeout, and whether a client whose partner leaves is
     handed back to the parent (``--requeue``) through ``channel``, the room's own end of
     its Unix socket to the parent (None: every ending is a BYE)."""
@@ -247,7 +245,7 @@ class Room:
         queued (the general loop flushes it); a failed socket loses the client."""
         try:
             sent = conn.sock.send(data)
-        except WOULD_BLOCK:
+        except conn.would_block:
             sent = 0
         except OSError:
             self.lose(conn, "connection reset")
@@ -348,7 +346,7 @@ class Room:
             return
         try:
             sent = conn.sock.send(data)
-        except WOULD_BLOCK:
+        except conn.would_block:
             sent = 0
         except OSError:
             self.lose(conn, "connection reset")

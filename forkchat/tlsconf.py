@@ -9,6 +9,12 @@ from __future__ import annotations
 import ssl
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+# What a TLS connection's except clauses catch (``conn.Conn.use_tls``): a read or write
+# that cannot go on now (either may need the other direction), an end of input without
+# close_notify, and any TLS failure.
+TLS_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+TLS_EOF = ssl.SSLEOFError
+TLS_ERROR = ssl.SSLError
 
 # OpenSSL reason codes, as ssl.SSLError.reason gives them, and what they mean to an operator.
 HANDSHAKE_REASONS = {

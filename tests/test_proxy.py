@@ -211,6 +211,7 @@ def test_no_header_within_the_name_timeout_is_one_line_and_delays_nobody(start):
     assert time.monotonic() - began < 0.9, "the pair was held up by the silent connection"
     silent.expect_closed(timeout=5)
     assert 0.9 <= time.monotonic() - began < 3.0
+    srv.out.wait_for("timeout: no PROXY header")  # logged before the close; read after
     lines = about(srv, silent.here)
     assert len(lines) == 1 and "timeout: no PROXY header" in lines[0], lines
     leave(alice, bob)
