@@ -120,20 +120,27 @@ def fork_child(target: Callable[..., int], args: tuple) -> tuple[int, int]:
     """
     old = _signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)  # see the import
     gc.freeze()
-    pid = 0
     try:
         pid = os.fork()
         if pid == 0:
             run_child(target, args)  # never returns
-        return pid, os.pidfd_open(pid)
     except OSError as exc:
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
         raise WorkerError(f"cannot fork a room worker: {exc.strerror or exc}") from None
     finally:
         gc.unfreeze()
         _signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return pid, open_pidfd(pid, "fork a room worker")
+
+
+def open_pidfd(pid: int, what: str) -> int:
+    """A pidfd for ``pid``, a child just made. If none can be had (out of fds), the
+    child is killed and reaped, and WorkerError says it could not ``what``."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise WorkerError(f"cannot {what}: {exc.strerror or exc}") from None
 
 
 def run_child(target: Callable[..., int], args: tuple) -> None:

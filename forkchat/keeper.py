@@ -6,7 +6,8 @@ its worker through its sentinel, and taking back the clients it hands back.
 ``rooms``, ``channels``, ``fds``), its selector and its client I/O (``register``,
 ``say_bye``, ``enqueue``, ``tell_waiting``...). It orders each worker from the room
 forker (``forker.py``) while there is one, and forks it itself otherwise (TLS, or the
-forker gone); forking is ``workers.py``'s, the relay in the new process ``room.py``'s.
+forker gone); starting a worker is ``workers.py``'s (forking and watching one,
+``children.py``'s), the relay in the new process ``room.py``'s.
 """
 
 from __future__ import annotations

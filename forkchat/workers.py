@@ -27,7 +27,6 @@ import multiprocessing
 import multiprocessing.sharedctypes  # imported now: lazily, at the first room, fds may be short
 import os
 import pickle
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .children import Worker, WorkerError, describe_exit, fork_child
+from .children import Worker, WorkerError, describe_exit, fork_child, open_pidfd
 from .conn import Conn
 from .fdmap import FdMap
 from .forker import RoomOrder, RoomSetup, close_all, read_message
@@ -290,18 +289,14 @@ def spawn_forker(sock_fd: int, arena_fd: int) -> Worker:
     close-on-exec). Raises WorkerError."""
     root = str(Path(__file__).resolve().parent.parent)
     argv = [sys.executable, "-I", "-c", FORKER_BOOT, root, str(sock_fd), str(arena_fd)]
-    pid = 0
     try:
         if not sys.executable:
             raise OSError("no Python executable to start")
         os.set_inheritable(sock_fd, True)
         os.set_inheritable(arena_fd, True)
         pid = os.posix_spawn(sys.executable, argv, os.environ, setsigmask=())
-        return Worker(pid, os.pidfd_open(pid))
     except OSError as exc:
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
         raise WorkerError(f"cannot start the room forker: {exc.strerror or exc}") from None
     finally:
         os.set_inheritable(arena_fd, False)
+    return Worker(pid, open_pidfd(pid, "start the room forker"))
