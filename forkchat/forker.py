@@ -170,7 +170,7 @@ def main(argv: list[str]) -> int:
     except (OSError, EOFError, ValueError, pickle.UnpicklingError):
         return 1
     finally:
-        os.close(arena_fd)  # the mapping stays
+        os.close(arena_fd)  # mmap keeps a descriptor of its own (rooms inherit it)
     log = Log(f"forker pid {os.getpid()}", setup.color)
     return ForkerLoop(sock, setup, arena, log).run()
 

@@ -39,6 +39,7 @@ from .conn import Conn
 from .fdmap import FdMap
 from .forker import RoomOrder, RoomSetup, close_all, read_message
 from .handback import ChannelReader, send_message, snapshot
+from .room import PARENT_SIGNALS
 
 # The start method is pinned once, here: the counts live in the fork context's shared
 # memory, which forked workers inherit (Python 3.14 changes the Linux default).
@@ -47,12 +48,11 @@ PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 COUNT_BLOCK = 8  # bytes multiprocessing's heap gives a Value("i") (4, aligned to 8)
 ANSWER_TIMEOUT = 5.0  # seconds the server waits for the forker's answer before giving up
 KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed forker to exit
-# The forker's command line: a fresh interpreter, isolated (-I: no user site, no
-# PYTHON* variables, no script directory), that imports forkchat from where we did.
-FORKER_BOOT = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from forkchat.forker import main; sys.exit(main(sys.argv[2:]))"
-)
+# The forker's command line: a fresh interpreter, isolated (-I: no PYTHON* variables,
+# no user site, no script directory), that then takes this process's module path (its
+# first argument), so that it imports forkchat and setproctitle from where we did.
+FORKER_PATH = "import os, sys; sys.path[:] = sys.argv[1].split(os.pathsep)\n"
+FORKER_BOOT = FORKER_PATH + "from forkchat.forker import main; sys.exit(main(sys.argv[2:]))"
 
 
 class Counts:
@@ -278,6 +278,9 @@ def start_forker(setup: RoomSetup, counts: Counts, fds: FdMap) -> Forker:
         code = forker.stop(ANSWER_TIMEOUT if ended else 0)
         why = describe_exit(code) if ended and code is not None else describe_failure(exc)
         raise WorkerError(f"the room forker did not start ({why})") from None
+    except BaseException:  # interrupted (the server is going): leave no forker behind
+        forker.stop(0)
+        raise
     fds.own(ours.fileno())
     fds.own(proc.sentinel)
     return forker
@@ -287,14 +290,16 @@ def spawn_forker(sock_fd: int, arena_fd: int) -> Worker:
     """Start the forker's interpreter (``posix_spawn``: no fork of this process) with
     ``sock_fd`` and ``arena_fd``, and no other of our descriptors (they are all
     close-on-exec). Raises WorkerError."""
-    root = str(Path(__file__).resolve().parent.parent)
-    argv = [sys.executable, "-I", "-c", FORKER_BOOT, root, str(sock_fd), str(arena_fd)]
+    path = os.pathsep.join([str(Path(__file__).resolve().parent.parent), *sys.path])
+    flags = ["-I", "-B"] if sys.dont_write_bytecode else ["-I"]  # -I drops PYTHON*
+    argv = [sys.executable, *flags, "-c", FORKER_BOOT, path, str(sock_fd), str(arena_fd)]
     try:
         if not sys.executable:
             raise OSError("no Python executable to start")
         os.set_inheritable(sock_fd, True)
         os.set_inheritable(arena_fd, True)
-        pid = os.posix_spawn(sys.executable, argv, os.environ, setsigmask=())
+        # The server's stop signals blocked until the forker has set its own (main()).
+        pid = os.posix_spawn(sys.executable, argv, os.environ, setsigmask=PARENT_SIGNALS)
     except OSError as exc:
         raise WorkerError(f"cannot start the room forker: {exc.strerror or exc}") from None
     finally:

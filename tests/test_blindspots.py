@@ -157,7 +157,7 @@ exec(FAULT)  # in the server, for rooms it forks itself
 import forkchat.cli, forkchat.workers
 # and in the room forker, another interpreter, for the rooms it forks
 forkchat.workers.FORKER_BOOT = (
-    "import sys; sys.path.insert(0, sys.argv[1])\\n" + FAULT + forkchat.workers.FORKER_BOOT
+    forkchat.workers.FORKER_PATH + FAULT + forkchat.workers.FORKER_BOOT
 )
 sys.exit(forkchat.cli.main(sys.argv[1:]))
 """

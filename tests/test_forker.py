@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -20,6 +21,7 @@ from support import (
     ROOT,
     Peer,
     ServerProc,
+    child_env,
     close_all,
     pair,
     report,
@@ -234,3 +236,34 @@ def test_a_forker_that_cannot_start_is_logged_and_the_server_forks_the_rooms_its
         close_all((a, b))
     finally:
         srv.stop()
+
+
+def test_the_forker_imports_from_the_servers_module_path(tmp_path):
+    """Breaks if the forker (an isolated interpreter) looks for its modules elsewhere
+    than the server did: here setproctitle and docopt are only on PYTHONPATH, and the
+    forker and its rooms must still be named by setproctitle."""
+    site = Path(psutil.__file__).resolve().parent.parent  # the project venv's
+    for name in ("setproctitle", "docopt"):
+        (tmp_path / name).symlink_to(site / name)
+    base = Path(sys.base_prefix) / "bin" / "python3"  # has neither of them
+    launcher = [str(base), "-c", PLAIN_SERVER, str(ROOT)]
+    env = {**child_env(), "PYTHONPATH": str(tmp_path)}
+    srv = ServerProc("--no-color", launcher=launcher, env=env)
+    try:
+        forker = srv.forker()
+        assert forker.cmdline()[0] == "forkchat-forker"
+        a, b = pair(srv.address)
+        room = psutil.Process(room_pid(srv, 1))
+        assert room.ppid() == forker.pid
+        assert room.cmdline()[0] == "forkchat-room 1 alice+bob"
+        close_all((a, b))
+    finally:
+        srv.stop()
+
+
+PLAIN_SERVER = """\
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+import forkchat.cli
+sys.exit(forkchat.cli.main(sys.argv[1:]))
+"""
