@@ -344,15 +344,7 @@ class Room:
             if not conn.queue(data):
                 self.lose(conn, f"dropped: more than {conn.out_limit} bytes unread")
             return
-        try:
-            sent = conn.sock.send(data)
-        except conn.would_block:
-            sent = 0
-        except OSError:
-            self.lose(conn, "connection reset")
-            return
-        if sent < len(data):
-            conn.out += data[sent:]
+        self.send_whole(conn, data)
 
     def flush_all(self) -> None:
         """Send pending output; watch for writability only while some is left over.
