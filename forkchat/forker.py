@@ -25,8 +25,8 @@ records below are named tuples and ``conn.py`` leaves ssl to TLS connections
 The server keeps one end of a Unix stream socketpair; a message is a length and a
 pickle (``handback``'s framing; both ends are this program):
 
-- first, the set-up: :class:`RoomSetup` (the options rooms need, the size of the shared
-  memory that holds the counts), answered ``("ready", pid)``;
+- first, the set-up: :class:`RoomSetup` (the options rooms need), answered
+  ``("ready", pid)``;
 - then, per room, an order: :class:`RoomOrder` (room number, where its count lies, both
   clients' state as :class:`~forkchat.handback.HandBack` records), with three
   descriptors: the two clients' sockets and the worker's end of the room's channel;
@@ -84,7 +84,6 @@ class RoomSetup(NamedTuple):
     idle_timeout: float
     requeue: bool
     color: bool
-    arena_size: int  # bytes of the shared memory holding the counts
 
 
 class RoomOrder(NamedTuple):
@@ -165,7 +164,7 @@ def main(argv: list[str]) -> int:
     arena_fd = int(argv[1])
     try:
         setup, _ = read_message(sock, 0)
-        arena = mmap.mmap(arena_fd, setup.arena_size)
+        arena = mmap.mmap(arena_fd, 0)  # all of it: the file is the arena's size
         send_message(sock, ("ready", os.getpid()), [])
     except (OSError, EOFError, ValueError, pickle.UnpicklingError):
         return 1

@@ -245,11 +245,7 @@ class RoomKeeper:
             return None
         try:
             setup = RoomSetup(
-                self.opts.max_line,
-                self.opts.idle_timeout,
-                self.opts.requeue,
-                self.log.color,
-                self.counts.arena.size if self.counts.arena is not None else 0,
+                self.opts.max_line, self.opts.idle_timeout, self.opts.requeue, self.log.color
             )
             self.forker = start_forker(setup, self.counts, self.fds)
         except WorkerError as exc:
