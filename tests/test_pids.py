@@ -11,6 +11,8 @@ import signal
 import ssl
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -442,18 +444,26 @@ def shared_listener(request):
     named as ``request.param`` says (``(parent naming, child titled)``), by default like
     today's server: comm only."""
     naming, titled = getattr(request, "param", ("comm", "untitled"))
+    with script_tree(SHARED_LISTENER_CODE, naming, titled) as (proc, out):
+        port, child = map(int, out.wait_for(r"^(\d+) (\d+)$").groups())
+        yield port, proc.pid, child
+
+
+@contextmanager
+def script_tree(code: str, *args: str) -> Iterator[tuple[subprocess.Popen, OutputTail]]:
+    """Run ``code`` (a process tree whose every member reads stdin) in a session of its
+    own; yield it and its output. After: EOF on stdin ends the tree, the script must
+    exit 0, and whatever is left is reaped."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", SHARED_LISTENER_CODE, naming, titled],
+        [sys.executable, "-c", code, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=child_env(),
         start_new_session=True,
     )
     try:
-        out = OutputTail(proc.stdout)
-        port, child = map(int, out.wait_for(r"^(\d+) (\d+)$").groups())
-        yield port, proc.pid, child
-        proc.stdin.close()  # both read stdin: EOF ends them, the parent reaps the child
+        yield proc, OutputTail(proc.stdout)
+        proc.stdin.close()  # all read stdin: EOF ends them, each parent reaps its child
         assert proc.wait(DEADLINE) == 0
     finally:
         reap_tree(proc)
@@ -540,15 +550,7 @@ def test_a_listener_that_is_not_forkchat_is_named_not_signalled(shared_listener,
 def family():
     """{what: pid} of a server family built by FAMILY_CODE, and its port, until the test
     ends: server, forker, forker_room (#1), unnamed (the forker's), server_room (#2)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", FAMILY_CODE],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=child_env(),
-        start_new_session=True,
-    )
-    try:
-        out = OutputTail(proc.stdout)
+    with script_tree(FAMILY_CODE) as (proc, out):
         port, server_room = map(int, out.wait_for(r"^server (\d+) (\d+)$").groups())
         forker, forker_room, unnamed = map(
             int, out.wait_for(r"^forker (\d+) (\d+) (\d+)$").groups()
@@ -569,10 +571,6 @@ def family():
                 "server_room": server_room,
             },
         )
-        proc.stdin.close()
-        assert proc.wait(DEADLINE) == 0
-    finally:
-        reap_tree(proc)
 
 
 def test_rooms_at_both_levels_and_the_forker_are_listed(family):
