@@ -3,21 +3,20 @@
 Modules, one per role:
 
 - ``cli``        the server's command line (docopt) and ``main``; ``args`` the checks all share
-- ``server``     the parent: the selector loop, shutdown, signals, the SIGUSR2 report
-- ``frontdoor``  the parent's accepting: preamble (``proxyproto``, ``tlsconf``), HELLO, names
-- ``waitlist``   the waiting queue and the pairing policy (pure)
-- ``keeper``     the parent's rooms: open one per pair, reap it, take back hand-backs
-- ``workers``    starting a room worker (ordered from the forker, or forked here), its count
-- ``forker``     the room forker: a small interpreter of its own that forks the rooms
-- ``children``   forking a child and watching it through a pidfd
+- ``server``     the parent: the selector loop, the signals, the shutdown; it wires:
+- ``frontdoor``  accepting, the preamble (``preamble``: ``proxyproto``, ``tlsconf``), HELLO, names
+- ``lobby``      the waiting clients, their WAIT, and pairing (``waitlist``: the pure policy)
+- ``rooms``      one forked worker per pair: counts, channels, hand-backs, reaping
+- ``clients``    the parent's client connections: I/O, graceful close
+- ``children``   forking a child and watching it through a pidfd; the signal sets, exit codes
 - ``room``       the room worker: relay and turns between the two clients of one pair
-- ``handback``   a client's trip from its room back to the parent (``next``, ``--requeue``)
+- ``handback``   a room's channel to the parent: clients handed back, verdicts, the shutdown note
 - ``protocol``   the wire protocol: framing, validation, the lines
 - ``conn``       one client connection: non-blocking socket, line reader, bounded output
-- ``fdmap``      a process's fds, for a new room worker to close by number
+- ``fdmap``      the parent's fds, for a new room worker to close by number
 - ``activation`` systemd socket activation; ``pidfile`` the pidfile
 - ``log``        timestamped event lines on stdout; ``proctitle`` process names
-- ``client``     the interactive and scripted client; ``lineedit``, ``chatview`` its screen
+- ``client``     the interactive and scripted client; ``chatview`` its pure part
 - ``pids``       the psutil-based PID helper
 - ``bench``      the benchmark (a package)
 """

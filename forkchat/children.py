@@ -1,65 +1,62 @@
-"""A child process, forked and watched through a pidfd: the one way forkchat starts
-and watches its processes (room workers, and the room forker's own).
+"""Process plumbing: forking a child and watching it through a pidfd, and the signal sets
+and exit codes the server and its room workers share.
 
-A pidfd is a file descriptor the kernel makes readable when that one process exits:
-the sentinel a selector waits on. Signals go through it (``pidfd_send_signal``: never
-to another process that reused the PID), and a parent reaps its own child through it
-(``waitid(P_PIDFD)``). This module imports nothing heavy: the room forker
-(``forker.py``) uses it too, and whatever a module imports, each room forked after it
-pays for (its at-fork hooks run in every child, and its objects are paged in).
+A pidfd is a file descriptor the kernel makes readable when that one process exits: the
+sentinel a selector waits on. Signals go through it (``pidfd_send_signal``: never to
+another process that reused the PID) and the parent reaps its child through it
+(``waitid(P_PIDFD)``), never with ``waitpid(-1)``, which would steal other children's
+exit statuses. This module knows nothing of rooms: it forks a function.
 """
 
 from __future__ import annotations
 
-# signal's C half. signal.pthread_sigmask() and signal.signal() wrap these functions to
-# turn their answers into enums; in the forker, on every fork, and in every new worker,
-# that enum machinery would write to (and copy) some thirty pages of inherited memory.
-# Where the answer is an int or unused, forkchat calls the C functions directly.
-import _signal
 import gc
 import os
 import select
 import signal
 from collections.abc import Callable
 
-from .room import EXIT_CRASH, PARENT_SIGNALS
+EXIT_OK = 0
+EXIT_CRASH = 70  # EX_SOFTWARE: a bug in a child; logged in one line
+
+# Signals that end the server. SIGHUP: its terminal closed (unless nohup ignored it).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# The upgrade trigger: SIGUSR2 is the original's report, SIGHUP a closing terminal, and
+# no terminal, shell or kernel sends a real-time signal on its own.
+UPGRADE_SIGNAL = signal.SIGRTMIN
+PARENT_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR2, UPGRADE_SIGNAL)
+# Signals that end a room: SIGUSR1 is the server's shutdown, passed on by the parent;
+# SIGTERM stops this room alone (an operator's ``kill``), or is part of a shutdown.
+ROOM_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# Ignored in a room: the terminal sends SIGINT (Ctrl-C) and SIGHUP to the whole process
+# group, parent included, and the parent's shutdown reaches the room as SIGUSR1; SIGUSR2
+# asks the parent for a report and the upgrade signal is the parent's: one sent to the
+# whole group must not end rooms.
+ROOM_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, UPGRADE_SIGNAL)
 
 
-class WorkerError(Exception):
-    """A room worker cannot be started now (out of fds, processes or memory)."""
+class ForkError(Exception):
+    """A child cannot be started now (out of fds, processes or memory)."""
 
 
-class Worker:
-    """A room worker as the server sees it: PID, sentinel (a pidfd), exit code.
-
-    The server's own child is reaped through its pidfd and gets its exit code. A worker
-    the room forker forked is reaped, and its ending logged, by the forker: the server
-    learns only that it exited (its pidfd is readable), and records exit code 0. Should
-    the forker die first, the worker becomes the server's child (the server is a
-    subreaper): reaped here through its pidfd if still watched, else by the server's
-    ``reap_strays``.
-    """
+class Child:
+    """A forked child as its parent sees it: PID, sentinel (a pidfd), exit code."""
 
     __slots__ = ("exitcode", "pid", "sentinel")
 
     def __init__(self, pid: int, sentinel: int) -> None:
         self.pid = pid
-        self.sentinel = sentinel  # readable once the worker has exited
+        self.sentinel = sentinel  # readable once the child has exited
         self.exitcode: int | None = None  # as multiprocessing: -N for signal N
 
     def poll(self) -> int | None:
-        """Reap the worker if it has exited (never blocks); its exit code or None.
+        """Reap the child if it has exited (never blocks); its exit code or None.
 
-        Once this returns a code the worker is gone: signal it only while it is None."""
+        Once this returns a code the child is gone: it is signalled only while None."""
         if self.exitcode is None:
-            try:
-                result = os.waitid(os.P_PIDFD, self.sentinel, os.WEXITED | os.WNOHANG)
-            except ChildProcessError:  # the forker's child: it reaps, and logs how it ended
-                if is_readable(self.sentinel):
-                    self.exitcode = 0
-            else:
-                if result is not None:
-                    self.exitcode = exit_code(result)
+            result = os.waitid(os.P_PIDFD, self.sentinel, os.WEXITED | os.WNOHANG)
+            if result is not None:
+                self.exitcode = exit_code(result)
         return self.exitcode
 
     def join(self, timeout: float | None = None) -> int | None:
@@ -69,7 +66,7 @@ class Worker:
         return self.poll()
 
     def signal(self, signum: int) -> None:
-        """Send ``signum`` through the pidfd, if the worker has not exited."""
+        """Send ``signum`` through the pidfd, if the child has not exited."""
         if self.poll() is None:
             try:
                 signal.pidfd_send_signal(self.sentinel, signum)
@@ -83,16 +80,6 @@ class Worker:
     def close(self) -> None:
         """Release the sentinel (after the reap)."""
         os.close(self.sentinel)
-
-
-def own_children() -> list[int]:
-    """This process's children, by PID, from /proc (its main thread's list)."""
-    pid = os.getpid()
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
-            return [int(word) for word in f.read().split()]
-    except OSError:
-        return []
 
 
 def is_readable(fd: int, timeout: float | None = 0) -> bool:
@@ -110,37 +97,32 @@ def exit_code(result: os.waitid_result) -> int:
     return -result.si_status
 
 
-def fork_child(target: Callable[..., int], args: tuple) -> tuple[int, int]:
-    """Fork a child that runs ``target(*args)`` and exits with its return value.
-    Returns (pid, pidfd). Raises WorkerError if it cannot be done now; a child that was
-    forked but cannot be watched (out of fds) is killed and reaped.
+def fork_child(target: Callable[..., int], args: tuple, what: str = "a child") -> Child:
+    """Fork ``what``, a child that runs ``target(*args)`` and exits with its return
+    value. Raises ForkError if it cannot be done now; a child that was forked but cannot
+    be watched (out of fds) is killed and reaped.
 
-    Signals are blocked around the fork so none lands in a half-made child, and the
-    heap is frozen so the child's gc never touches (and copies) the parent's objects.
+    The parent's signals are blocked around the fork, so none lands in a half-made child
+    (the child unblocks them once its own handlers are set), and the heap is frozen, so
+    the child's garbage collector never walks (and copies) the parent's objects.
     """
-    old = _signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)  # see the import
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
     gc.freeze()
     try:
         pid = os.fork()
         if pid == 0:
             run_child(target, args)  # never returns
     except OSError as exc:
-        raise WorkerError(f"cannot fork a room worker: {exc.strerror or exc}") from None
+        raise ForkError(f"cannot fork {what}: {exc.strerror or exc}") from None
     finally:
         gc.unfreeze()
-        _signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    return pid, open_pidfd(pid, "fork a room worker")
-
-
-def open_pidfd(pid: int, what: str) -> int:
-    """A pidfd for ``pid``, a child just made. If none can be had (out of fds), the
-    child is killed and reaped, and WorkerError says it could not ``what``."""
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     try:
-        return os.pidfd_open(pid)
+        return Child(pid, os.pidfd_open(pid))
     except OSError as exc:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise WorkerError(f"cannot {what}: {exc.strerror or exc}") from None
+        raise ForkError(f"cannot watch {what}: {exc.strerror or exc}") from None
 
 
 def run_child(target: Callable[..., int], args: tuple) -> None:
@@ -156,7 +138,7 @@ def run_child(target: Callable[..., int], args: tuple) -> None:
 
 
 def describe_exit(code: int) -> str:
-    """``exited with status 3`` or ``killed by SIGKILL`` for a Worker.exitcode."""
+    """``exited with status 3`` or ``killed by SIGKILL`` for a Child.exitcode."""
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"

@@ -19,12 +19,12 @@ from .protocol import DEFAULT_MAX_LINE, LineReader, TooLong
 RECV_SIZE = 65536
 # A read or write that cannot go on now, on plain TCP; a TLS connection's
 # ``would_block`` adds ssl's want-read and want-write (either may need the other
-# direction). This module does not import ssl: the room forker, which rebuilds plain
-# connections only, does without it (each module it imports costs every room: forker.py).
+# direction), set by use_tls().
 WOULD_BLOCK = (BlockingIOError, InterruptedError)
 # One receive buffer per process, reused by every read: a fresh 64 KiB object per recv()
 # would make each room worker copy-on-write that much of the parent's heap.
 RECV_BUFFER = bytearray(RECV_SIZE)
+LINGER = 2.0  # seconds to deliver a BYE and see the peer close before closing anyway
 # TCP keepalive: a peer that vanished without FIN is noticed in about 2 minutes.
 KEEPALIVE_IDLE = 60
 KEEPALIVE_INTERVAL = 15

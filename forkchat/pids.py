@@ -39,7 +39,9 @@ import psutil
 from . import __version__
 from .args import UsageError, parse_port, parse_usage
 from .conn import format_peer
-from .proctitle import FORKER_NAME, ROOM_NAME
+from .proctitle import ROOM_NAME
+
+FORKER_NAME = "forkchat-forker"  # no such process any more: bin/pids is being updated
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -12,11 +12,16 @@ timeout, and never waits on one client.
 from __future__ import annotations
 
 import selectors
+import socket
 import ssl
 
 from .conn import Conn, format_peer
 from .proxyproto import ProxyHeaderError, ProxyHeaderReader, recv_proxy_header
 from .tlsconf import TlsError, handshake_step
+
+TLS_HANDSHAKE = 0x16  # the content type of a TLS handshake record
+PEEK_SIZE = 8
+HTTP_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS", b"CONNECT", b"PATCH ")
 
 
 class PreambleError(Exception):
@@ -59,8 +64,14 @@ class Preamble:
         return 0
 
     def step_tls(self) -> int:
-        """The TLS handshake, one non-blocking step at a time."""
+        """The TLS handshake, one non-blocking step at a time. A connection whose first
+        byte cannot start a TLS handshake (a plain-text client) fails at once."""
         if not self.conn.tls:
+            start = peek_start(self.conn.sock)
+            if start is None:
+                return selectors.EVENT_READ
+            if start[0] != TLS_HANDSHAKE:
+                raise PreambleError(f"TLS handshake failed: {describe_plain(start)}")
             self.conn.use_tls(
                 self.tls.wrap_socket(
                     self.conn.sock, server_side=True, do_handshake_on_connect=False
@@ -75,3 +86,26 @@ class Preamble:
         if state == "want-write":
             return selectors.EVENT_WRITE
         return 0
+
+
+def peek_start(sock: socket.socket) -> bytes | None:
+    """The first bytes waiting on ``sock`` (not consumed), or None if none has come yet.
+    Raises PreambleError if the connection was closed or reset first."""
+    try:
+        data = sock.recv(PEEK_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        raise PreambleError(f"TLS handshake: the client went away ({exc.strerror})") from None
+    if not data:
+        raise PreambleError("TLS handshake: the client closed the connection")
+    return data
+
+
+def describe_plain(start: bytes) -> str:
+    """Why a connection that does not start with a TLS record is refused, for the log."""
+    if start.startswith(HTTP_METHODS):
+        return "not TLS: a plain HTTP request"
+    if 0x20 <= start[0] < 0x7F:
+        return "not TLS: a plain-text client"
+    return f"not TLS: the connection starts with byte 0x{start[0]:02x}"

@@ -4,50 +4,21 @@ The server's ``comm`` (what ``top`` shows, 15 bytes) is ``forkchat-server``; its
 command line stays as it was typed. Each room worker's ``comm`` is ``forkchat-room`` and
 its full command line (``ps``, ``top -c``, ``bin/pids``) ``forkchat-room N alice+bob``,
 set with ``setproctitle``: the library gunicorn and Celery use, because it rewrites the
-process's own argv area, which is what ``/proc/PID/cmdline`` reads. The room forker
-(``forker.py``: the rooms' parent, unless the server speaks TLS) is ``forkchat-forker``
-in both. ``bin/pids`` and the pidfile check rely on these names.
+process's own argv area, which is what ``/proc/PID/cmdline`` reads. ``bin/pids`` and
+the pidfile check rely on these names.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
-from typing import Any
 
-
-def load_setproctitle() -> Any:
-    """setproctitle's C extension alone, without its package, whose ``__init__`` imports
-    ``logging`` and with it ``threading``: their at-fork hooks would then run (and write
-    pages) in every room the forker forks. None if it is not installed: comm alone
-    still names the process."""
-    try:
-        spec = importlib.util.find_spec("setproctitle")
-        for where in (spec.submodule_search_locations or []) if spec else []:
-            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-                path = os.path.join(where, "_setproctitle" + suffix)
-                if os.path.exists(path):
-                    loader = importlib.machinery.ExtensionFileLoader(
-                        "setproctitle._setproctitle", path
-                    )
-                    module = importlib.util.module_from_spec(
-                        importlib.util.spec_from_loader(loader.name, loader)
-                    )
-                    loader.exec_module(module)
-                    return module
-    except (ImportError, OSError):  # pragma: no cover
-        pass
-    return None
-
-
-_spt = load_setproctitle()
-setproctitle = _spt.setproctitle if _spt is not None else None
-getproctitle = _spt.getproctitle if _spt is not None else None
+try:
+    from setproctitle import getproctitle, setproctitle
+except ImportError:  # pragma: no cover - comm alone still names the process
+    getproctitle = setproctitle = None
 
 SERVER_NAME = "forkchat-server"
 ROOM_NAME = "forkchat-room"
-FORKER_NAME = "forkchat-forker"  # the process that forks the plain-TCP rooms (forker.py)
 
 
 def set_title(title: str, comm: str) -> None:

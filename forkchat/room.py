@@ -1,21 +1,18 @@
 """The room worker: one forked process per pair, relaying lines and keeping the turns.
 
 The worker holds its two client sockets and its end of its channel to the server, and
-nothing else of its parent's, the room forker or the server (``Server.become_room``
-closes the rest, by number, before :func:`run_room` is called). The first client to
-arrive writes first. After a message the writer gets ``TURN READ``; the reader gets
-``MSG`` then ``TURN WRITE``. ``exit`` ends the room for both at any time.
+nothing else of the server's (:func:`start_room` closes the rest, by number). The first
+client to arrive writes first. After a message the writer gets ``TURN READ``; the
+reader gets ``MSG`` then ``TURN WRITE``. ``exit`` ends the room for both at any time.
 
 The number of this room's clients still connected lives in ``clients``, a lock-free
-``multiprocessing.Value`` (for a worker from the room forker, the same C int reached
-through its address: ``workers.count_at``): the server sets it to 2 before the worker
-starts and zeroes it when the worker is gone; in between only this worker writes it. A
+``multiprocessing.Value`` inherited from the server: the server sets it to 2 before the
+fork and zeroes it when the worker is gone; in between only this worker writes it. A
 SIGKILL at any moment cannot leave a lock held.
 """
 
 from __future__ import annotations
 
-import _signal  # signal's C half: see reset_inherited_signals
 import os
 import select
 import selectors
@@ -25,9 +22,16 @@ import time
 from typing import Any, NamedTuple
 
 from . import protocol as p
-from .conn import RECV_BUFFER, Conn
+from .children import (
+    EXIT_CRASH,
+    EXIT_OK,
+    PARENT_SIGNALS,
+    ROOM_IGNORED_SIGNALS,
+    ROOM_STOP_SIGNALS,
+)
+from .conn import LINGER, RECV_BUFFER, Conn
 from .fdmap import FdMap
-from .handback import send_handback, snapshot
+from .handback import RoomEnd, send_handback, snapshot
 from .log import Log
 from .proctitle import ROOM_NAME, room_title, set_title
 
@@ -36,19 +40,10 @@ MSG_TAIL = b"\n" + p.TURN_WRITE_LINE  # after "MSG " and the message
 Byes = dict[Conn, tuple[str, str]]  # client -> (BYE reason, text)
 Back = tuple[Conn, str, str]  # client handed back, why (for the log), its WAIT text
 
-EXIT_OK = 0
-EXIT_CRASH = 70  # EX_SOFTWARE: a bug in the worker; logged in one line, pair told BYE error
-LINGER = 2.0  # seconds to deliver BYE and see the peer close before closing anyway
-# Signals that end the server. SIGHUP: the terminal closed (unless nohup ignored it).
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-PARENT_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR2)
-# Signals that end a room: SIGUSR1 is the server's shutdown, passed on by the parent;
-# SIGTERM stops this room alone (an operator's ``kill``).
-ROOM_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-# Ignored in a room: the terminal sends SIGINT (Ctrl-C) and SIGHUP to the whole process
-# group, parent included, and the parent's shutdown reaches the room as SIGUSR1; SIGUSR2
-# asks the parent for a report, and a stray one sent to the group must not end rooms.
-ROOM_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+# A SIGTERM sent to the whole process group reaches the server too: a room waits this
+# long for the server's shutdown (its note, or SIGUSR1) before it takes the SIGTERM as
+# meant for itself alone.
+GROUP_GRACE = 0.5
 
 
 def wake_only(signum: int, frame: Any) -> None:
@@ -56,14 +51,12 @@ def wake_only(signum: int, frame: Any) -> None:
 
 
 def reset_inherited_signals() -> None:
-    """First thing in a fresh worker: drop the parent's wakeup fd and handlers. (The C
-    functions behind signal.signal(): its wrapper would turn each old handler into an
-    enum, and a new worker would copy the pages that machinery writes to.)"""
+    """First thing in a fresh worker: drop the parent's wakeup fd and handlers."""
     signal.set_wakeup_fd(-1)
     for sig in ROOM_STOP_SIGNALS:
-        _signal.signal(sig, _signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_DFL)
     for sig in ROOM_IGNORED_SIGNALS:
-        _signal.signal(sig, _signal.SIG_IGN)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class RoomRules(NamedTuple):
@@ -101,8 +94,9 @@ class Room:
         self.watched: dict[int, Any] = {}  # fd -> Conn, or "signal" / "parent"
         self.last_message = time.monotonic()
         self.ended = False
-        self.handed = 0  # clients sent back to the parent
+        self.handed = 0  # clients the parent has taken back (or that are on their way)
         self.wake_r = -1
+        self.parent = RoomEnd(rules.channel) if rules.channel is not None else None
 
     def partner(self, conn: Conn) -> Conn:
         return self.conns[1] if conn is self.conns[0] else self.conns[0]
@@ -111,19 +105,19 @@ class Room:
 
     def install_signals(self) -> None:
         """Stop signals only wake the loop through a pipe (no socket: we hold only our
-        clients' and the channel). The parent's death wakes it too: the parent never
-        writes to the channel, so the channel turns readable only when its end closes."""
+        clients' and the channel). The channel wakes it too: the parent's shutdown note,
+        or its end closed (the server is gone)."""
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in ROOM_STOP_SIGNALS:
-            _signal.signal(sig, wake_only)
+            signal.signal(sig, wake_only)
         self.watch(self.wake_r, select.EPOLLIN, "signal")
         if self.rules.channel is not None:
             self.watch(self.rules.channel.fileno(), select.EPOLLIN, "parent")
         # The parent blocked these around the fork; pending ones arrive now.
-        _signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
 
     def greet(self) -> None:
         """PAIRED and the first turns; then the lines that came with the names, in order."""
@@ -272,25 +266,59 @@ class Room:
         return max(0.0, self.last_message + self.idle_timeout - time.monotonic())
 
     def dispatch(self, what: str) -> None:
-        """A signal arrived, or the parent is gone."""
+        """A signal arrived, or the parent wrote (its shutdown note) or is gone."""
         if what == "signal":
             self.handle_signal()
-        else:
+            return
+        self.parent.read()
+        if self.parent.note() is not None:
+            self.shut_down()
+        elif self.parent.closed:
             byes = {c: (p.BYE_SHUTDOWN, "server lost") for c in self.conns}
             self.end("the server process is gone", byes)
 
     def handle_signal(self) -> None:
-        """SIGUSR1: the server is shutting down. SIGTERM: this room alone is stopped."""
+        """SIGUSR1: the server is shutting down. SIGTERM: this room alone is stopped,
+        unless the server is shutting down too (a SIGTERM to the whole process group)."""
         try:
             data = os.read(self.wake_r, 64)
         except BlockingIOError:
             return
-        if signal.SIGUSR1 in data:
-            byes = {c: (p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT) for c in self.conns}
-            self.end("server shutdown (SIGUSR1)", byes)
+        if signal.SIGUSR1 in data or (data and self.server_stopping()):
+            self.shut_down()
         elif data:
             byes = {c: (p.BYE_CLOSED, p.CLOSED_TEXT) for c in self.conns}
             self.end(f"stopped by {signal.Signals(data[0]).name}", byes)
+
+    def server_stopping(self) -> bool:
+        """Is the server shutting down? Waits up to GROUP_GRACE for its note or its
+        SIGUSR1: a signal sent to the whole group reaches the server at the same time."""
+        if self.parent is None:
+            return False
+        waiter = select.poll()
+        waiter.register(self.wake_r, select.POLLIN)
+        waiter.register(self.parent.channel.fileno(), select.POLLIN)
+        deadline = time.monotonic() + GROUP_GRACE
+        while (left := deadline - time.monotonic()) > 0:
+            self.parent.read()
+            if self.parent.note() is not None:
+                return True
+            if self.parent.closed:
+                return False
+            try:
+                if signal.SIGUSR1 in os.read(self.wake_r, 64):
+                    return True
+            except BlockingIOError:
+                pass
+            waiter.poll(left * 1000)
+        return False
+
+    def shut_down(self) -> None:
+        """The server is shutting down: BYE shutdown to both; the log says why (the
+        operator's signal, from the server's note)."""
+        why = (self.parent.note() if self.parent is not None else None) or "SIGUSR1"
+        byes = {c: (p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT) for c in self.conns}
+        self.end(f"server shutdown ({why})", byes)
 
     def check_idle(self) -> None:
         if self.ended or not self.idle_timeout:
@@ -427,12 +455,14 @@ class Room:
         if self.ended:
             return
         self.ended = True
-        for conn, reason, text in backs:
-            self.hand_back(conn, reason, text)
+        sent = [conn for conn, reason, text in backs if self.hand_back(conn, reason, text)]
+        self.handed = len(sent)
         # The count goes down before the BYE leaves: a client that has read its BYE
         # never sees itself counted. Clients handed back stay counted here until the
-        # parent takes them.
+        # parent has taken them (or refused them: then they are ours to say BYE to).
         self.clients.value = self.handed
+        refused = self.take_verdicts(sent)
+        byes = {**byes, **{c: (p.BYE_ERROR, "could not find you a new partner") for c in refused}}
         for conn, (reason, text) in byes.items():
             self.log.departure(conn.label, reason)
             conn.out += p.bye_line(reason, text)
@@ -445,21 +475,37 @@ class Room:
         """Does a client whose partner leaves go back to the queue (``--requeue``)?"""
         return self.rules.requeue and self.rules.channel is not None and not self.rules.tls
 
-    def hand_back(self, conn: Conn, why: str, text: str) -> None:
-        """Send ``conn`` back to the parent's waiting queue with all its state (``why``
-        for the log, ``text`` for its WAIT), then close this process's copy. A client
-        that cannot go back is lost (logged)."""
+    def hand_back(self, conn: Conn, why: str, text: str) -> bool:
+        """Send ``conn`` to the parent's waiting queue with all its state (``why`` for
+        the log, ``text`` for its WAIT); this process keeps its copy until the parent's
+        verdict. False (logged, the client told ``BYE error``) if it cannot be sent."""
         self.unwatch(conn.fd)
-        partner = self.partner(conn)
-        record = snapshot(conn, partner.id, why, text)
+        record = snapshot(conn, self.partner(conn).id, why, text)
         try:
             send_handback(self.rules.channel, record, conn.fd)
         except OSError as exc:
             self.log.departure(conn.label, f"hand-back failed: {exc.strerror or exc}")
             send_now(conn, p.bye_line(p.BYE_ERROR, "could not find you a new partner"))
-        else:
-            self.handed += 1
-        conn.close()
+            conn.close()
+            return False
+        return True
+
+    def take_verdicts(self, sent: list[Conn]) -> list[Conn]:
+        """Wait for the parent's verdict on each client sent back: one it took is its
+        own (our copy is closed); one it refused is ours again, to tell ``BYE error``.
+        Returns the refused, no longer counted."""
+        if not sent:
+            return []
+        verdicts = self.parent.await_verdicts(len(sent))
+        refused = [conn for conn, taken in zip(sent, verdicts, strict=True) if not taken]
+        self.handed -= len(refused)
+        self.clients.value = self.handed
+        for conn in sent:
+            if conn not in refused:
+                conn.close()
+        for conn in refused:
+            self.log.event("error", f"the server could not take back {conn.label}")
+        return refused
 
     def linger(self, conns: list[Conn]) -> None:
         """Deliver pending output, send FIN, wait for each peer's close (bounded by LINGER)."""

@@ -1,13 +1,11 @@
-"""The forkchat parent process: accept, names, waiting queue, pairing, reaping, signals.
+"""The forkchat parent process: the loop, the signals, the shutdown, and the parts it wires.
 
-:class:`Server` owns one selector over the listening socket, every client not yet in a
-room, the signal wakeup socket, every room worker's sentinel and every room's channel.
-Connections come in through its front door (``frontdoor.py``: accept, the PROXY/TLS
-preamble, ``HELLO``); this module names them, keeps the waiting queue's I/O, handles
-the signals and the shutdown. For each pair the queue gives (``waitlist.py``) it has a
-room worker forked (by the room forker, ``forker.py``, or itself: ``keeper.py``,
-``workers.py``; ``room.py`` relays) and takes back the clients rooms hand back. The
-command line that builds its :class:`Options` is in ``cli.py``.
+:class:`Server` owns one selector and the signal wakeup socket, and four parts that own
+their state: the front door (``frontdoor.py``: accept, PROXY/TLS preamble, ``HELLO``,
+names), the lobby (``lobby.py``: the waiting queue and its pairing policy), the rooms
+(``rooms.py``: one forked worker per pair, counts, hand-backs, reaping), and the client
+connections they share (``clients.py``: I/O and the way out). Every room worker is a
+child of this process. The command line that builds :class:`Options` is ``cli.py``'s.
 """
 
 from __future__ import annotations
@@ -16,38 +14,29 @@ import os
 import selectors
 import signal
 import socket
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import protocol as p
 from .activation import ActivationError, listen_socket_from_env
-from .conn import (
-    CLOSING,
-    GONE,
-    HANDSHAKE,
-    WAITING,
-    Conn,
-    format_peer,
-)
+from .children import EXIT_OK, PARENT_SIGNALS
+from .clients import Clients
+from .conn import format_peer
 from .fdmap import FdMap
 from .frontdoor import FrontDoor
-from .keeper import STOP_GRACE, RoomKeeper
+from .lobby import Lobby
 from .log import Log
 from .pidfile import PidfileError, write_pidfile
-from .preamble import Preamble
-from .room import LINGER, PARENT_SIGNALS
+from .room import RoomRules
+from .rooms import STOP_GRACE, Rooms
 from .tlsconf import TlsError, server_context
-from .waitlist import WaitList, may_pair
-from .workers import Counts, Forker, RoomProc, format_report
 
-EXIT_OK = 0
 BACKLOG = 4096
 
 
 class StartupError(Exception):
-    """The server cannot start (address, pidfile): reported in one line, exit status 1."""
+    """The server cannot start (address, pidfile, TLS files): one line, exit status 1."""
 
 
 @dataclass(frozen=True)
@@ -86,81 +75,94 @@ def make_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-class Server(FrontDoor, RoomKeeper):
-    """The parent process: accept, names, waiting queue, pairing, reaping, signals.
+def open_listener(opts: Options) -> socket.socket:
+    """The socket systemd passed on fd 3 (socket activation), or our own, bound to
+    ``--host``/``--port``. Raises StartupError."""
+    try:
+        passed = listen_socket_from_env()
+    except ActivationError as exc:
+        raise StartupError(f"socket activation: {exc}") from None
+    if passed is not None:
+        return passed
+    try:
+        return make_listener(opts.host, opts.port)
+    except OSError as exc:
+        where = f"{opts.host}:{opts.port}"
+        raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
-    One selector waits on the listener, the clients not yet in a room, the signal
-    wakeup socket and every room worker's sentinel. Nothing in it blocks on one client.
-    """
+
+def format_report(clients: int, rooms: int, waiting: int, handshaking: int) -> str:
+    """The SIGUSR2 report: ``NUMBER OF CLIENTS : ** N **``, then the counts line."""
+    return (
+        f"NUMBER OF CLIENTS : ** {clients} **\n"
+        f"rooms {rooms}, waiting {waiting}, handshaking {handshaking}"
+    )
+
+
+class Server:
+    """The parent process: one selector loop over the listener, the clients not in a
+    room, the rooms' sentinels and channels, and the signal wakeup socket. Nothing in
+    it blocks on one client."""
 
     def __init__(self, opts: Options, log: Log) -> None:
         self.opts = opts
         self.log = log
         self.sel = selectors.DefaultSelector()
-        self.listener: socket.socket | None = None
-        self.address = ""
-        # fd -> Conn; dicts keep insertion order, which is arrival order and deadline order.
-        self.handshaking: dict[int, Conn] = {}
-        self.closing: dict[int, Conn] = {}
-        self.waiting: WaitList[Conn] = WaitList()  # queue order and pairing policy
-        self.by_fd: dict[int, Conn] = {}  # every client the parent holds, by socket
-        self.rooms: dict[int, RoomProc] = {}  # sentinel fd -> room
-        self.channels: dict[int, RoomProc] = {}  # channel fd -> room
-        self.preambles: dict[int, Preamble] = {}  # fd -> PROXY/TLS steps not yet done
-        self.tls: ssl.SSLContext | None = None
-        self.forker: Forker | None = None  # forks the rooms (forker.py), if there is one
-        self.counts = Counts(opts.max_rooms)  # reserved before the forker: see workers.py
-        self.preamble = opts.proxy_protocol or bool(opts.tls_cert)  # steps before HELLO
-        self.room_count = 0
-        self.client_count = 0  # ids handed out
-        self.stopping = False
-        self.stop_deadline = 0.0
-        self.accept_resume = 0.0
-        self.wake_r, self.wake_w = socket.socketpair()
         self.fds = FdMap()  # every fd the parent owns, for new workers to close
+        self.wake_r, self.wake_w = socket.socketpair()
         for fd in (self.sel.fileno(), self.wake_r.fileno(), self.wake_w.fileno()):
             self.fds.own(fd)
+        self.clients = Clients(self.sel, self.fds, log, opts.max_line)
+        self.door: FrontDoor | None = None
+        self.lobby: Lobby | None = None
+        self.rooms: Rooms | None = None
+        self.listener: socket.socket | None = None
+        self.address = ""
+        self.stopping = False
+        self.stop_deadline = 0.0
 
     # -- start and stop ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind, write the pidfile, install the signal plumbing, then announce the listen
-        line: once it is printed, everything is ready. Raises StartupError on failure."""
-        if self.opts.tls_cert:
-            try:
-                self.tls = server_context(self.opts.tls_cert, self.opts.tls_key or "")
-            except TlsError as exc:
-                raise StartupError(str(exc)) from None
-        self.listener = self.open_listener()
+        """Load TLS, bind, write the pidfile, build the parts, install the signal
+        plumbing, then print the listen line: once it is out, everything is ready.
+        Raises StartupError."""
+        opts = self.opts
+        try:
+            tls = server_context(opts.tls_cert, opts.tls_key or "") if opts.tls_cert else None
+        except TlsError as exc:
+            raise StartupError(str(exc)) from None
+        self.listener = open_listener(opts)
         self.fds.own(self.listener.fileno())
-        host, port = self.listener.getsockname()[:2]
-        self.address = format_peer((host, port))
-        if self.opts.pidfile:
+        self.address = format_peer(self.listener.getsockname())
+        if opts.pidfile:
             try:
-                write_pidfile(self.opts.pidfile)
+                write_pidfile(opts.pidfile)
             except PidfileError as exc:
                 raise StartupError(str(exc)) from None
-        no_forker = self.start_forker()
-        self.sel.register(self.listener, selectors.EVENT_READ, self.accept_clients)
+        rules = RoomRules(opts.idle_timeout, opts.requeue, None, tls is not None)
+        self.rooms = Rooms(self.sel, self.clients, rules, opts.max_rooms, self.requeue, self.pair)
+        self.lobby = Lobby(self.clients, self.rooms, opts.max_waiting, opts.max_line)
+        self.door = FrontDoor(
+            self.listener,
+            self.sel,
+            self.clients,
+            self.lobby.admit,
+            opts.name_timeout,
+            opts.max_waiting,
+            opts.proxy_protocol,
+            tls,
+        )
         self.install_signals()
         self.log.plain(f"forkchat server listening on {self.address} pid {os.getpid()}")
-        if no_forker:
-            self.log.error(no_forker)
 
-    def open_listener(self) -> socket.socket:
-        """The socket systemd passed on fd 3 (socket activation), or our own, bound to
-        ``--host``/``--port``. Raises StartupError."""
-        try:
-            passed = listen_socket_from_env()
-        except ActivationError as exc:
-            raise StartupError(f"socket activation: {exc}") from None
-        if passed is not None:
-            return passed
-        try:
-            return make_listener(self.opts.host, self.opts.port)
-        except OSError as exc:
-            where = f"{self.opts.host}:{self.opts.port}"
-            raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    def requeue(self, conn: Any, text: str) -> None:
+        """A room handed ``conn`` back: the lobby's (see Rooms.on_back)."""
+        self.lobby.requeue(conn, text)
+
+    def pair(self) -> None:
+        """A room was freed: the lobby may open more (see Rooms.on_free)."""
+        self.lobby.open_rooms()
 
     def install_signals(self) -> None:
         """Handlers only wake the loop: the C handler writes the signal number to wake_w.
@@ -179,16 +181,13 @@ class Server(FrontDoor, RoomKeeper):
     def serve_forever(self) -> int:
         """Run the loop until a shutdown completes. Returns the exit status."""
         live = self.sel.get_map()
-        while not (self.stopping and not self.rooms and not self.closing):
+        while not (self.stopping and not self.rooms and not self.clients.closing):
             for key, mask in self.sel.select(self.next_timeout()):
                 # An earlier handler in this batch may have closed this fd, or closed it
                 # and reused the number: act only on keys that are still registered.
                 if live.get(key.fd) is key:
                     key.data(key, mask)
             self.expire_timers()
-            if self.stopping and time.monotonic() >= self.stop_deadline:
-                self.kill_stragglers()
-        self.stop_forker()  # its last log lines come before the last line
         self.log.plain("SERVER WILL DISCONNECT")
         return EXIT_OK
 
@@ -201,7 +200,6 @@ class Server(FrontDoor, RoomKeeper):
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
         signal.set_wakeup_fd(-1)
-        self.stop_forker()
         if self.listener is not None:
             self.listener.close()
         self.wake_r.close()
@@ -212,213 +210,20 @@ class Server(FrontDoor, RoomKeeper):
 
     def next_timeout(self) -> float | None:
         """Seconds until the earliest deadline (name timeout, linger, pause, shutdown)."""
-        deadlines = [
-            conns[next(iter(conns))].deadline for conns in (self.handshaking, self.closing) if conns
-        ]
-        if self.accept_resume:
-            deadlines.append(self.accept_resume)
+        deadlines = [self.door.next_deadline(), self.clients.next_deadline()]
         if self.stopping:
             deadlines.append(self.stop_deadline)
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        soonest = min((d for d in deadlines if d is not None), default=None)
+        return None if soonest is None else max(0.0, soonest - time.monotonic())
 
     def expire_timers(self) -> None:
-        """Act on every deadline that has passed; each dict is in deadline order."""
+        """Act on every deadline that has passed."""
         now = time.monotonic()
-        while self.handshaking and (conn := next(iter(self.handshaking.values()))).deadline <= now:
-            preamble = self.preambles.pop(conn.fd, None)
-            if preamble is not None:  # no protocol spoken yet: nothing to say BYE in
-                what = "PROXY header" if preamble.reader is not None else "TLS handshake"
-                self.drop(conn, f"timeout: no {what} within {self.opts.name_timeout:g} s")
-                continue
-            text = f"no name within {self.opts.name_timeout:g} s"
-            self.say_bye(conn, p.BYE_TIMEOUT, text, why=f"timeout: {text}")
-        while self.closing and (conn := next(iter(self.closing.values()))).deadline <= now:
-            self.drop(conn)
-        if self.accept_resume and now >= self.accept_resume:
-            self.resume_accepting()
-
-    # -- client I/O --------------------------------------------------------------------------
-
-    def register(self, conn: Conn) -> None:
-        conn.events = selectors.EVENT_READ | selectors.EVENT_WRITE
-        self.sel.register(conn.fd, conn.events, self.on_client)
-        self.by_fd[conn.fd] = conn
-
-    def watch(self, conn: Conn, events: int) -> None:
-        """Change what the selector watches on ``conn``, only if it changed."""
-        if events != conn.events:
-            conn.events = events
-            self.sel.modify(conn.fd, events, self.on_client)
-
-    def on_client(self, key: Any, mask: int) -> None:
-        """One client socket is ready: read and handle what arrived, write what is due."""
-        conn = self.find(key.fd)
-        if conn is None:
-            return
-        if conn.state == CLOSING:
-            self.close_client(conn, mask)
-        elif conn.fd in self.preambles:
-            self.step_preamble(conn)
-        elif not mask & selectors.EVENT_READ or self.read_client(conn):
-            self.write_client(conn)
-
-    def find(self, fd: int) -> Conn | None:
-        return self.by_fd.get(fd)
-
-    def read_client(self, conn: Conn) -> bool:
-        """Read and handle input. False if the connection left the parent's hands.
-
-        A FIN only means the client sends no more: the lines before it are handled in
-        order (a name, then ``exit``, may pair it first), and what is queued for it is
-        still delivered before the close. A reset loses it at once.
-        """
-        alive = conn.receive()
-        if not alive and not conn.eof:
-            self.drop(conn, "connection reset")
-            return False
-        self.handle_inbox(conn)
-        if not alive and conn.state in (HANDSHAKE, WAITING):
-            self.end_input(conn)
-        return alive and conn.state in (HANDSHAKE, WAITING)
-
-    def end_input(self, conn: Conn) -> None:
-        """A client in the parent closed its side with nothing left to handle: deliver
-        what is queued for it, then close (it will never name itself or write)."""
-        where = "before naming" if conn.state == HANDSHAKE else "while waiting"
-        self.close_gracefully(conn, f"closed {where}")
-
-    def write_client(self, conn: Conn) -> None:
-        """Send pending output; watch for writability only while some is left."""
-        try:
-            done = conn.flush()
-        except OSError:
-            self.drop(conn, "connection reset")
-            return
-        self.watch(conn, selectors.EVENT_READ | (0 if done else selectors.EVENT_WRITE))
-
-    def close_client(self, conn: Conn, mask: int) -> None:
-        """A step of a client's graceful close (``Conn.close_step``); drop it when done."""
-        if conn.close_step(mask):
-            self.drop(conn)
-        else:
-            self.watch(conn, conn.closing_events())
-
-    def send(self, conn: Conn, data: bytes) -> None:
-        """Send to a client in the parent now, queueing what the socket does not take;
-        a client whose unsent output passes the bound is dropped."""
-        if not conn.queue(data):
-            self.drop(conn, f"dropped: more than {conn.out_limit} bytes unread")
-            return
-        self.write_client(conn)
-
-    def handle_inbox(self, conn: Conn) -> None:
-        """Handle complete lines while the client is the parent's; the rest goes to its room."""
-        while conn.inbox and conn.state in (HANDSHAKE, WAITING):
-            line = conn.inbox.popleft()
-            if conn.state == HANDSHAKE:
-                self.take_name(conn, line)
-            else:
-                self.take_waiting_line(conn, line)
-
-    def take_name(self, conn: Conn, line: bytes | p.TooLong) -> None:
-        """The first non-blank line: the name, or ``exit``."""
-        if isinstance(line, bytes) and p.is_blank(line):
-            return
-        if isinstance(line, bytes) and p.is_exit(line):
-            self.say_bye(conn, p.BYE_EXIT, "goodbye")
-            return
-        name = p.parse_name(line) if isinstance(line, bytes) else None
-        if name is None:
-            self.say_bye(conn, p.BYE_BAD_NAME, f"a name is {p.NAME_RULE}")
-            return
-        conn.name = name
-        if self.queue_full(conn):
-            why = f"full: {len(self.waiting)} waiting, name {name}"
-            self.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
-            return
-        del self.handshaking[conn.fd]
-        self.log.event("name", f"client named {conn.label}")
-        self.enqueue(conn)
-        if conn.state == WAITING:
-            self.tell_waiting(conn, "waiting for a partner")
-
-    def queue_full(self, conn: Conn) -> bool:
-        """No room in the queue for ``conn``: ``--max-waiting`` wait already and it
-        would not go straight into a room."""
-        if len(self.waiting) < self.opts.max_waiting:
-            return False
-        rooms_free = len(self.rooms) < self.opts.max_rooms and not self.stopping
-        return not rooms_free or all(not may_pair(conn, other) for other in self.waiting)
-
-    def enqueue(self, conn: Conn) -> None:
-        """Queue ``conn`` at the end and open the rooms that can be opened now."""
-        conn.state = WAITING
-        self.waiting.add(conn)
-        self.open_rooms()
-
-    def tell_waiting(self, conn: Conn, text: str, told: bool = False) -> None:
-        """WAIT ``text`` for a client left in the queue (unless ``told``: its WAIT is
-        queued already); when it completes a pair that has no free room, it and its
-        partner-to-be hear that too."""
-        busy = ""
-        if len(self.rooms) >= self.opts.max_rooms:
-            partner = self.waiting.partner_in_line(conn)
-            if partner is not None:
-                busy = f"all {self.opts.max_rooms} rooms are busy, you are in line"
-                self.send(partner, p.wait_line(busy))
-        self.log.event("name", f"{conn.label} waiting ({busy or text})")
-        if busy or not told:
-            self.send(conn, p.wait_line(busy or text))
-        else:
-            self.write_client(conn)
-
-    def take_waiting_line(self, conn: Conn, line: bytes | p.TooLong) -> None:
-        """A line from a waiting client: ``exit`` leaves; ``next`` changes nothing (it
-        is told it waits); a message is not its turn."""
-        verdict = p.judge_line(line, my_turn=False)
-        if verdict == p.LEAVE:
-            self.say_bye(conn, p.BYE_EXIT, "goodbye")
-        elif verdict == p.NEXT:
-            self.send(conn, p.wait_line("still waiting for a partner"))
-        elif verdict != p.IGNORE:
-            self.send(conn, p.err_line(verdict, self.opts.max_line))
-
-    def say_bye(self, conn: Conn, reason: str, text: str, why: str = "") -> None:
-        """Log the departure, send the last line and move the client to closing (FIN,
-        then wait for its close). ``why`` is for the log; the BYE reason by default."""
-        self.close_gracefully(conn, why or reason, p.bye_line(reason, text))
-
-    def close_gracefully(self, conn: Conn, why: str, last: bytes = b"") -> None:
-        """Log the departure and move the client to closing: what is queued, then
-        ``last``, is delivered, then FIN, then the wait for its close (bounded)."""
-        self.log.departure(conn.label, why)
-        self.forget(conn)
-        conn.state = CLOSING
-        conn.inbox.clear()
-        conn.out += last
-        conn.deadline = time.monotonic() + LINGER
-        self.closing[conn.fd] = conn
-        self.close_client(conn, 0)
-
-    def forget(self, conn: Conn) -> None:
-        """Remove the client from the handshake, waiting and closing tables."""
-        for table in (self.handshaking, self.closing):
-            table.pop(conn.fd, None)
-        self.waiting.remove(conn)
-
-    def drop(self, conn: Conn, why: str = "") -> None:
-        """Close a client now, wherever it is in the parent; log why if it was still in
-        play (a closing client's departure is logged already)."""
-        if why and conn.state != CLOSING:
-            self.log.departure(conn.label, why)
-        self.forget(conn)
-        self.sel.unregister(conn.fd)
-        self.by_fd.pop(conn.fd, None)
-        conn.state = GONE
-        self.fds.disown(conn.fd)
-        conn.close()
+        self.door.expire(now)
+        self.clients.expire(now)
+        if self.stopping and now >= self.stop_deadline and (self.rooms or self.clients.closing):
+            self.rooms.kill_stragglers()
+            self.clients.drop_closing()
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -434,15 +239,15 @@ class Server(FrontDoor, RoomKeeper):
 
     def handle_usr2(self) -> None:
         """SIGUSR2: the number of connected clients, then, on the next line (one write),
-        the rooms, waiting and handshaking counts (see :func:`format_report`).
+        the rooms, waiting and handshaking counts.
 
         Workers that have exited are reaped first (their sentinels may wait later in
         this batch): what they handed back is then in the queue, counted once.
         """
-        for sentinel, room in list(self.rooms.items()):
-            if room.proc.poll() is not None:
-                self.reap_room(sentinel)
-        self.log.plain(format_report(self.rooms.values(), len(self.waiting), len(self.handshaking)))
+        self.rooms.reap_exited()
+        waiting, handshaking = len(self.lobby), len(self.door)
+        clients = self.rooms.held() + waiting + handshaking
+        self.log.plain(format_report(clients, len(self.rooms), waiting, handshaking))
 
     def handle_usr1(self) -> None:
         self.begin_shutdown("SIGUSR1")
@@ -465,18 +270,7 @@ class Server(FrontDoor, RoomKeeper):
         self.stopping = True
         self.stop_deadline = time.monotonic() + STOP_GRACE
         self.log.event("close", f"{why}: shutting down")
-        if not self.accept_resume:
-            self.sel.unregister(self.listener)
-        self.accept_resume = 0.0
-        self.turn_away_backlog()
-        self.fds.disown(self.listener.fileno())
-        self.listener.close()
-        for conn in [*self.handshaking.values(), *self.waiting]:
-            if self.preambles.pop(conn.fd, None) is not None:  # it cannot read a BYE yet
-                self.drop(conn, "server shutdown")
-                continue
-            self.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
-        for room in self.rooms.values():
-            # Through the pidfd: never another process that reused the PID. A worker
-            # already gone is not signalled; its sentinel still ends it in the loop.
-            room.proc.signal(signal.SIGUSR1)
+        self.rooms.stop_all(why)
+        self.door.close()
+        self.listener = None
+        self.lobby.close()

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import psutil
 
-from forkchat.proctitle import FORKER_NAME
-
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
 DEADLINE = 10.0
@@ -147,29 +145,18 @@ class ServerProc:
         os.kill(self.pid, sig)
 
     def children(self) -> list[psutil.Process]:
-        """The server's room workers, at any depth (the room forker's children, or the
-        server's own for a TLS server); the forker itself is left out."""
-        return [p for p in self.descendants() if not self.is_forker(p)]
+        """The server's room workers: its children (every room is one)."""
+        try:
+            return psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
 
     def descendants(self) -> list[psutil.Process]:
-        """Every process below the server: the room forker and the rooms."""
+        """Every process below the server, at any depth."""
         try:
             return psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-
-    def forker(self) -> psutil.Process:
-        """The room forker (a plain-TCP server has exactly one)."""
-        (forker,) = [p for p in self.descendants() if self.is_forker(p)]
-        return forker
-
-    def is_forker(self, proc: psutil.Process) -> bool:
-        """The forker is the server's child named forkchat-forker (a room it has just
-        forked bears that name too, for a moment, but is its child)."""
-        try:
-            return proc.ppid() == self.pid and proc.name() == FORKER_NAME
-        except psutil.NoSuchProcess:
-            return False
 
     def wait_exit(self, timeout: float = DEADLINE) -> int:
         return self.proc.wait(timeout)

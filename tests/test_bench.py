@@ -428,7 +428,7 @@ def test_quick_run_against_the_reference_measures_every_figure_and_ratio(tmp_pat
     assert held["peak"] == held["requested"] == held["delivered"] == s["hold"]
     assert_spread(held["pairing_ms"], 2 * s["hold"])
     assert [step["rooms"] for step in held["steps"]] == [45, 50, 90, 100]
-    assert held["server"]["processes"] == s["hold"] + 2  # the server, its forker, the rooms
+    assert held["server"]["processes"] == s["hold"] + 1  # the server and its rooms
     assert 0 < held["server"]["total_uss_mib"] <= held["server"]["total_pss_mib"]
     assert "stopped_short" not in held
 

@@ -153,12 +153,8 @@ def relay(self, writer, line):
     raise RuntimeError("injected fault")
 forkchat.room.Room.relay = relay
 '''
-exec(FAULT)  # in the server, for rooms it forks itself
-import forkchat.cli, forkchat.workers
-# and in the room forker, another interpreter, for the rooms it forks
-forkchat.workers.FORKER_BOOT = (
-    forkchat.workers.FORKER_PATH + FAULT + forkchat.workers.FORKER_BOOT
-)
+exec(FAULT)  # in the server, so in every room it forks
+import forkchat.cli
 sys.exit(forkchat.cli.main(sys.argv[1:]))
 """
 

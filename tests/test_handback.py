@@ -6,22 +6,26 @@ gives its descriptor back.
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
+import resource
 import select
 import socket
 import threading
 
 import pytest
 
+from forkchat.conn import Conn
 from forkchat.handback import (
     HEADER,
     ChannelReader,
     HandBack,
     encode,
-    pack_inbox,
+    from_json,
+    restore_conn,
     send_handback,
-    unpack_inbox,
+    snapshot,
+    to_json,
 )
 from forkchat.protocol import TOO_LONG, TooLong
 from support import DEADLINE
@@ -61,6 +65,7 @@ def record(n: int = 1, **kw) -> HandBack:
         "why": "said next",
         "text": "looking for a new partner",
     }
+    kw["inbox"] = tuple(kw.get("inbox", ()))
     return HandBack(**{**fields, **kw})
 
 
@@ -174,32 +179,91 @@ def test_a_record_larger_than_one_read_crosses_while_the_sender_blocks(channel):
         os.close(w)
 
 
-def test_too_long_lines_survive_the_trip():
-    inbox = [b"first", TOO_LONG, b"", b"\xff\xfe", TOO_LONG]
-    packed = pack_inbox(inbox)
-    assert packed == [b"first", None, b"", b"\xff\xfe", None]
-    # Through pickle, as on the channel: TOO_LONG is a marker compared by identity.
-    back = unpack_inbox(pickle.loads(pickle.dumps(packed)))
-    assert back == inbox
-    assert back[1] is TOO_LONG and back[4] is TOO_LONG
-    assert all(isinstance(x, TooLong) == (x is TOO_LONG) for x in back)
+def test_too_long_lines_survive_the_trip(channel):
+    """A line too long stands as None in the record (JSON has no marker) and comes back
+    as the TOO_LONG marker itself."""
+    one, other = channel
+    conn = Conn(one, "127.0.0.1:1")
+    conn.inbox.extend([b"first", TOO_LONG, b"", b"\xff\xfe", TOO_LONG])
+    sent = snapshot(conn)
+    assert sent.inbox == (b"first", None, b"", b"\xff\xfe", None)
+    got = from_json(json.loads(json.dumps(to_json(sent))))
+    assert got == sent
+    back = Conn(other, "127.0.0.1:2")
+    restore_conn(back, got)
+    assert list(back.inbox) == [b"first", TOO_LONG, b"", b"\xff\xfe", TOO_LONG]
+    assert back.inbox[1] is TOO_LONG and back.inbox[4] is TOO_LONG
+    assert all(isinstance(x, TooLong) == (x is TOO_LONG) for x in back.inbox)
 
 
-def test_pack_inbox_accepts_bytearrays_and_gives_bytes():
-    assert pack_inbox([bytearray(b"abc"), memoryview(b"de")]) == [b"abc", b"de"]
-    assert all(type(x) is bytes for x in pack_inbox([bytearray(b"abc")]))
+def test_a_record_from_another_version_keeps_what_both_know():
+    """A newer room may add fields, an older one may lack some: the record is data."""
+    data = to_json(record(3, out=b"TURN READ\n"))
+    data["colour"] = "blue"  # a field this version does not know
+    del data["discarding"]  # one the sender did not have
+    got = from_json(json.loads(json.dumps(data)))
+    assert got == record(3, out=b"TURN READ\n")
 
 
 def test_too_long_lines_cross_the_channel(channel):
     worker, parent = channel
     r, w = os.pipe()
     try:
-        sent = record(5, inbox=pack_inbox([TOO_LONG, b"after"]))
+        sent = record(5, inbox=[None, b"after"])
         send_handback(worker, sent, r)
         [(got, fd)], _ = read_now(ChannelReader(parent))
         os.close(fd)
-        assert unpack_inbox(got.inbox) == [TOO_LONG, b"after"]
-        assert unpack_inbox(got.inbox)[0] is TOO_LONG
+        assert got.inbox == (None, b"after")
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def lowest_free_fd() -> int:
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    return fd
+
+
+def test_a_descriptor_lost_to_the_fd_limit_is_never_matched_with_the_next_record(channel):
+    """The parent at its fd limit: the first record's descriptor cannot be installed
+    (MSG_CTRUNC) and is lost. That record comes out with None, and the next record,
+    read once fds are free again, with its own descriptor, not the lost one's."""
+    worker, parent = channel
+    pipes = [os.pipe() for _ in range(2)]
+    reader = ChannelReader(parent)
+    try:
+        send_handback(worker, record(1), pipes[0][0])
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd(), hard))
+        try:
+            first = read_now(reader)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert first == ([(record(1), None)], False)
+        send_handback(worker, record(2), pipes[1][0])
+        [(got, fd)], closed = read_now(reader)
+        assert got == record(2) and not closed
+        assert same_file(fd, pipes[1][0])
+        os.close(fd)
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+
+
+def test_a_record_that_cannot_be_read_comes_out_as_none_with_its_fd(channel):
+    worker, parent = channel
+    r, w = os.pipe()
+    try:
+        body = b"{not json"
+        socket.send_fds(worker, [HEADER.pack(len(body)) + body], [r])
+        send_handback(worker, record(2), w)
+        records, _ = read_now(ChannelReader(parent))
+        assert [rec for rec, _ in records] == [None, record(2)]
+        assert same_file(records[0][1], r) and same_file(records[1][1], w)
+        for _, fd in records:
+            os.close(fd)
     finally:
         os.close(r)
         os.close(w)

@@ -415,8 +415,7 @@ def test_failed_room_start_tells_the_pair_and_server_goes_on():
 
 
 class PidsCgroupLimit:
-    """No fork for the server: it and its room forker, alone in a cgroup v1 pids group
-    with ``pids.max`` 2."""
+    """No fork for the server: alone in a cgroup v1 pids group with ``pids.max`` 1."""
 
     ROOT = Path("/sys/fs/cgroup/pids")
     why_not = None if os.access(ROOT, os.W_OK) else "no writable cgroup v1 pids hierarchy"
@@ -427,16 +426,11 @@ class PidsCgroupLimit:
 
     def apply(self, srv: ServerProc) -> None:
         self.group.mkdir()
-        (self.group / "pids.max").write_text("2")
-        for pid in (srv.pid, srv.forker().pid):
-            (self.group / "cgroup.procs").write_text(str(pid))
+        (self.group / "pids.max").write_text("1")
+        (self.group / "cgroup.procs").write_text(str(srv.pid))
 
     def lift(self, srv: ServerProc) -> None:
-        for pid in (srv.pid, *(p.pid for p in srv.descendants())):
-            try:
-                (self.ROOT / "cgroup.procs").write_text(str(pid))
-            except ProcessLookupError:  # gone since it was listed: nothing to lift
-                pass
+        (self.ROOT / "cgroup.procs").write_text(str(srv.pid))
 
     def cleanup(self, srv: ServerProc) -> None:
         if self.group.exists():
@@ -450,13 +444,12 @@ SECBIT_NOROOT = 1
 
 
 class NprocLimit:
-    """No fork for the server: ``RLIMIT_NPROC`` 3 under a real uid of its own (the
-    server, its room forker and one room), with that room already open (works on
-    cgroup v2 hosts too). The limit counts processes by real uid and does not bind
-    root, so the server runs with a real uid nobody else uses, effective uid 0 (to run
-    a Python that may live under /root) and, through SECBIT_NOROOT, no capabilities
-    after its exec. Forks work again once the open room ends (the test may lack
-    CAP_SYS_RESOURCE to raise the limit from outside)."""
+    """No fork for the server: ``RLIMIT_NPROC`` 2 under a real uid of its own, with one
+    room already open (works on cgroup v2 hosts too). The limit counts processes by real
+    uid and does not bind root, so the server runs with a real uid nobody else uses,
+    effective uid 0 (to run a Python that may live under /root) and, through
+    SECBIT_NOROOT, no capabilities after its exec. Forks work again once the open room
+    ends (the test may lack CAP_SYS_RESOURCE to raise the limit from outside)."""
 
     why_not = None if os.geteuid() == 0 else "needs root to give the server a uid of its own"
 
@@ -466,7 +459,7 @@ class NprocLimit:
         self.holders: tuple[Peer, Peer] | None = None
 
     def preexec(self) -> None:
-        resource.setrlimit(resource.RLIMIT_NPROC, (3, 3))
+        resource.setrlimit(resource.RLIMIT_NPROC, (2, 2))
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECUREBITS)")
@@ -497,12 +490,7 @@ def test_fork_failure_tells_the_pair_and_leaks_nothing(limit_kind):
     try:
         limit.apply(srv)
         rooms = len(srv.children())
-        # Listener, wakeup pair, forker, one channel per room: the server closes its copies
-        # of a room's clients once the forker has answered, maybe after they were PAIRED.
-        idle_sockets = 4 + rooms
-        wait_until(lambda: socket_fds(srv.pid) == idle_sockets, what="holders' sockets closed")
-        forker = srv.forker()
-        forker_fds = forker.num_fds()  # its socket and its rooms' pidfds
+        idle_sockets = socket_fds(srv.pid)  # listener, wakeup pair, open rooms' channels
         base = None
         for i in range(4):
             a = Peer(srv.address, f"a{i}")
@@ -523,7 +511,6 @@ def test_fork_failure_tells_the_pair_and_leaks_nothing(limit_kind):
         wait_until(lambda: srv.out.count("cannot fork a room worker") == 4, what="4 logged")
         wait_until(lambda: socket_fds(srv.pid) == idle_sockets, what="pairs closed")
         assert psutil.Process(srv.pid).num_fds() == base
-        assert forker.num_fds() == forker_fds  # the forker, where the forks failed
         assert len(srv.children()) == rooms
         limit.lift(srv)
         expect_room_works(srv.address)

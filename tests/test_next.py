@@ -76,6 +76,13 @@ def rest(peer: Peer, allow_reset: bool = False) -> list[str]:
     return lines
 
 
+def first_not_wait(peer: Peer) -> str:
+    """The next line that is not a WAIT (a waiting client may be told again why)."""
+    while (line := peer.line()).startswith("WAIT "):
+        pass
+    return line
+
+
 def assert_silent(peer: Peer, until: float) -> None:
     """Nothing arrives on ``peer`` (no line, no close) before ``time.monotonic()`` passes
     ``until``: a deadline, not a sleep; any byte fails at once."""
@@ -173,6 +180,7 @@ def test_next_while_waiting_gets_wait_again_and_keeps_the_place_in_the_queue(sta
     alice.send("next")
     bob.expect("WAIT ")
     alice.expect("WAIT ")
+    bob.expect("WAIT waiting for a partner: the only other person waiting is your last partner")
     bob.send("next")
     bob.expect("WAIT still waiting")
     bob.send("next")
@@ -211,7 +219,7 @@ def test_both_say_next_at_once_both_wait_and_each_meets_someone_new(start, peers
     carol.expect("PAIRED ", "TURN READ")
     dave = join(srv, peers, "dave")
     dave.expect("PAIRED ", "TURN READ")
-    paired = {alice.line(), bob.line()}
+    paired = {first_not_wait(alice), first_not_wait(bob)}
     assert paired == {"PAIRED carol", "PAIRED dave"}, paired
 
 
@@ -236,16 +244,16 @@ def test_lines_pipelined_after_next_are_handled_in_order_while_waiting(start, pe
 
 
 def test_a_line_after_next_goes_to_the_next_room_when_one_opens_at_once(start, peers):
-    """carol waits; alice says ``next`` with ``hello`` in the same segment. alice is
-    queued after carol, so carol writes first and ``hello`` is not alice's turn: the
-    new room refuses it, after WAIT, PAIRED and TURN READ, as if it came one by one."""
+    """carol waits; alice says ``next`` with ``hello`` in the same segment. The lines
+    the server holds are handled before alice is paired again: ``hello`` is refused
+    while she waits (after her WAIT), then she is paired with carol, who came first."""
     srv = start()
     alice, bob = meet(srv, peers, "alice", "bob")
     carol = join(srv, peers, "carol")
     carol.expect("WAIT ")
     alice.send(b"next\nhello\n")
     bob.expect("BYE partner-exit")
-    alice.expect("WAIT ", "PAIRED carol", "TURN READ", "ERR not-your-turn")
+    alice.expect("WAIT ", "ERR not-your-turn", "PAIRED carol", "TURN READ")
     carol.expect("PAIRED alice", "TURN WRITE")
     carol.send("hi alice")
     carol.expect("TURN READ")
@@ -313,14 +321,16 @@ def test_two_who_split_wait_for_others_until_each_had_another_partner(start, pee
     alice, bob = meet(srv, peers, "alice", "bob")
     alice.send("next")
     bob.expect("WAIT alice left")
-    alice.expect("WAIT looking")
+    alice.expect("WAIT looking for a new partner: the only other person waiting is your last")
+    bob.expect("WAIT waiting for a partner: the only other person waiting is your last partner")
     assert counts(srv) == (2, 2, 0)  # alone together in the queue: no room
     carol = join(srv, peers, "carol")
     carol.expect("PAIRED bob", "TURN READ")  # bob, left behind, was ahead of alice
     bob.expect("PAIRED carol", "TURN WRITE")
     carol.send("exit")
     carol.expect("BYE exit")
-    bob.expect("WAIT carol left")
+    bob.expect("WAIT carol left, waiting for a new partner: the only other person waiting is a")
+    alice.expect("WAIT waiting for a partner: the only other person waiting is your last partner")
     # bob has had another partner, alice has not: still not together.
     assert counts(srv) == (2, 2, 0)
     dave = join(srv, peers, "dave")
@@ -363,6 +373,7 @@ def test_under_requeue_the_partner_who_is_left_waits_and_meets_the_next_arrival(
         assert rest(alice) == ["BYE exit goodbye"]
     elif how == "next":
         alice.expect("WAIT ")
+        bob.expect("WAIT waiting for a partner: the only other person waiting is your last")
     carol = join(srv, peers, "carol")
     carol.expect("PAIRED bob", "TURN READ")  # bob first: ahead of alice after a next
     bob.expect("PAIRED carol", "TURN WRITE")
@@ -620,7 +631,9 @@ def test_workers_killed_at_random_moments_of_a_next_keep_the_count_exact(start, 
         assert counts(srv) == (len(stayed), len(stayed), 0), (number, moment)
         for peer in stayed:
             peer.send("exit")
-            assert rest(peer) == ["BYE exit goodbye"]
+            assert [line for line in rest(peer) if not line.startswith("WAIT ")] == [
+                "BYE exit goodbye"
+            ]
         ended = srv.out.wait_for(
             rf"room {number} (closed|worker pid {worker.pid} killed by SIGKILL)"
         )

@@ -14,12 +14,10 @@ import subprocess
 import sys
 import termios
 import time
-from types import SimpleNamespace
 
 import psutil
 import pytest
 
-from forkchat.workers import format_report
 from support import (
     BIN,
     DEADLINE,
@@ -331,19 +329,37 @@ def test_range_errors_print_their_limits_exactly(args, said):
 # -- 18. the report with a dead worker not yet reaped ------------------------------------------
 
 
-def fake_room(exitcode: int | None, clients: int) -> SimpleNamespace:
-    return SimpleNamespace(
-        proc=SimpleNamespace(exitcode=exitcode),
-        clients=SimpleNamespace(value=clients),
-        held=clients,
-    )
+def wakeup_write_end(pid: int) -> int:
+    """The server's signal wakeup socket, the end the C handler writes to: the second of
+    the first two Unix sockets it makes (``Server.__init__``), as a copy in this process."""
+    unix = sorted(c.fd for c in psutil.Process(pid).net_connections(kind="unix"))
+    return copy_fd_of(pid, unix[1])
 
 
-def test_report_leaves_out_a_dead_worker_not_yet_reaped():
-    rooms = [fake_room(None, 2), fake_room(-9, 2), fake_room(0, 1), fake_room(None, 1)]
-    assert format_report(rooms, waiting=3, handshaking=1) == (
-        "NUMBER OF CLIENTS : ** 7 **\nrooms 2, waiting 3, handshaking 1"
-    )
+def test_report_leaves_out_a_worker_that_died_before_the_loop_saw_it(server):
+    """SIGUSR2 handled in the same wake-up as a dead room's sentinel, and before it. The
+    server is stopped while its wakeup socket gets SIGUSR2's number (as the C handler
+    writes it) and then its room dies, so that both are ready when it resumes, the
+    report first. The report counts neither the room nor its two clients."""
+    a, b = pair(server.address)
+    (worker,) = server.children()
+    c = Peer(server.address, "carol")
+    c.expect("WAIT ")
+    parent = psutil.Process(server.pid)
+    wake_w = wakeup_write_end(server.pid)
+    mark = server.out.mark()
+    parent.suspend()
+    try:
+        os.write(wake_w, bytes([signal.SIGUSR2]))
+        worker.kill()
+        wait_until(lambda: worker.status() == psutil.STATUS_ZOMBIE, what="room a zombie")
+    finally:
+        parent.resume()
+        os.close(wake_w)
+    clients = server.out.wait_for(r"NUMBER OF CLIENTS : \*\* (\d+) \*\*", start=mark)
+    rooms = server.out.wait_for(r"^rooms (\d+), waiting (\d+)", start=mark)
+    assert (int(clients.group(1)), int(rooms.group(1)), int(rooms.group(2))) == (1, 0, 1)
+    close_all((a, b, c))
 
 
 # -- issue 9: the server raises its own open-file limit -----------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -216,6 +217,7 @@ def test_ctrl_c_in_the_server_terminal_ends_cleanly():
         b.expect("BYE shutdown SERVER WILL CLOSE NOW")
         a.close()
         b.close()
+        child.expect(r"room 1 closed: server shutdown \(SIGINT\)")  # what the operator did
         child.expect("SERVER WILL DISCONNECT")
         child.expect(pexpect.EOF)
         assert b"Traceback" not in child.before
@@ -229,15 +231,31 @@ def test_ctrl_c_in_the_server_terminal_ends_cleanly():
 
 def test_parent_killed_rooms_close_instead_of_lingering(server):
     a, b = pair(server.address)
-    family = server.descendants()  # the room forker and the room
-    assert len(family) == 2
+    family = server.children()  # the room
+    assert len(family) == 1
     psutil.Process(server.pid).kill()
     server.wait_exit()
     a.expect("BYE shutdown server lost")
     b.expect("BYE shutdown server lost")
     a.close()
     b.close()
-    # The orphaned worker ends by itself, and the forker once it has reaped it (the
-    # suite is their subreaper, so reap them here).
+    # The orphaned worker ends by itself (the suite is its subreaper: reap it here).
     _, alive = psutil.wait_procs(family, timeout=DEADLINE)
     assert not alive
+
+
+def test_sigterm_to_the_whole_process_group_is_a_shutdown_for_the_rooms_too(server):
+    """``kill -TERM -- -PGID`` (as some supervisors stop a service) reaches the rooms at
+    the same moment as the server: a room that gets SIGTERM while its server shuts
+    down is part of the shutdown (BYE shutdown, and the log names SIGTERM), not an
+    operator closing that one room."""
+    a, b = pair(server.address)
+    (room,) = server.children()
+    assert os.getpgid(room.pid) == os.getpgid(server.pid) == server.pid
+    os.killpg(server.pid, signal.SIGTERM)
+    for peer in (a, b):
+        peer.expect("BYE shutdown SERVER WILL CLOSE NOW")
+        peer.close()
+    server.out.wait_for(r"room 1 closed: server shutdown \(SIGTERM\)$")
+    assert server.wait_exit() == 0
+    assert server.out.count("BYE closed|operator closed") == 0

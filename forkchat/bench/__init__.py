@@ -13,8 +13,8 @@ Progress goes to stderr.
 With --ref it also starts the reference relay (forkchat/bench/reference.py: a minimal
 fork-per-room relay speaking the same framing, the yardstick), measures both in the
 same run, interleaved rep by rep, and gives the ratio forkchat / reference for the
-round trip, messages/s and the server's CPU per message (all its processes: parent,
-room forker and room workers, from /proc/PID/schedstat).
+round trip, messages/s and the server's CPU per message (all its processes: parent
+and room workers, from /proc/PID/schedstat).
 
 Phases, in order:
   pairing     --pairs pairs one after the other (connect of the second client to

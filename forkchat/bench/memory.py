@@ -119,9 +119,8 @@ def hold_steps(rooms: int) -> list[tuple[int, bool]]:
 
 
 def server_memory(target: ServerHandle) -> dict:
-    """The server's processes (itself and all it forked: room workers, forkchat's room
-    forker): how many, USS and PSS sums, the server's RSS, and the USS of the oldest and
-    newest room worker (the forker is none)."""
+    """The server's processes (itself and the room workers it forked): how many, USS and
+    PSS sums, the server's RSS, and the USS of the oldest and newest room worker."""
     parent = memory_of(target.pid)
     forked = {pid: memory_of(pid) for pid in children_of(target.pid, recursive=True)}
     workers = [forked[pid] for pid in workers_by_age(target.pid) if pid in forked]

@@ -3,10 +3,9 @@
 CPU time comes from ``/proc/PID/schedstat`` (nanoseconds on the CPU) for the server and
 each of its live descendants, plus each one's ``cutime + cstime`` from
 ``/proc/PID/stat`` for the children it has reaped, so a room worker that exits during a
-phase still counts, whether the server or its room forker reaped it.
-A forkchat server's room workers are its descendants named ``forkchat-room``, at any
-depth (the room forker's children, or the server's own); the reference relay's are its
-children.
+phase still counts.
+A forkchat server's room workers are its children named ``forkchat-room``; the
+reference relay's are its children.
 Memory comes from ``/proc/PID/smaps_rollup`` (USS: private pages; PSS: private pages
 plus a share of the shared ones) and ``/proc/meminfo`` (``MemAvailable``).
 A process that vanishes while it is read counts as nothing, never as an error.
@@ -90,17 +89,17 @@ def children_of(pid: int, recursive: bool = False) -> list[int]:
 
 def room_workers_of(pid: int) -> list[int]:
     """PIDs of the live room workers of the server ``pid``: for a forkchat server (comm
-    ``forkchat-server``) its descendants named ``forkchat-room``, at any depth, and never
-    its room forker; for any other (the reference relay, whose rooms are multiprocessing
-    children named as the interpreter is) its children."""
+    ``forkchat-server``) its children named ``forkchat-room``; for any other (the
+    reference relay, whose rooms are multiprocessing children named as the interpreter
+    is) its children."""
     if comm_of(pid) != SERVER_COMM:
         return children_of(pid)
-    return [child for child in children_of(pid, recursive=True) if comm_of(child) == ROOM_COMM]
+    return [child for child in children_of(pid) if comm_of(child) == ROOM_COMM]
 
 
 def tree_cpu_ns(pid: int) -> int:
     """CPU time of ``pid`` and its live descendants, and of the children each of them
-    reaped, in ns: a room worker reaped by the server or by the room forker counts.
+    reaped, in ns: a room worker reaped by the server counts.
     The difference of two readings is what the server did in between."""
     family = [pid, *children_of(pid, recursive=True)]
     return sum(cpu_ns(member) + reaped_children_ns(member) for member in family)

@@ -1,6 +1,6 @@
 """The servers under test: forkchat (``bin/server``) and the reference relay, each started
 as its own process on a free port, ready when it prints its listen line, stopped and
-reaped with what it forked (room workers, forkchat's room forker) after the run. Only
+reaped with what it forked (its room workers) after the run. Only
 their command lines, process names and the wire protocol are used, never their code."""
 
 from __future__ import annotations
@@ -135,13 +135,12 @@ def check_server(handle: ServerHandle) -> None:
 
 
 def room_workers(handle: ServerHandle) -> list[int]:
-    """PIDs of the server's room workers, at any depth, never forkchat's room forker
-    (``procstats.room_workers_of``)."""
+    """PIDs of the server's room workers (``procstats.room_workers_of``)."""
     return room_workers_of(handle.pid)
 
 
 def forked_by(handle: ServerHandle) -> list[psutil.Process]:
-    """Every live descendant of the server: room workers, and forkchat's room forker."""
+    """Every live descendant of the server: its room workers."""
     try:
         return psutil.Process(handle.pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -167,7 +166,7 @@ def wait_rooms_closed(handle: ServerHandle, timeout: float) -> None:
 
 def stop_server(handle: ServerHandle) -> None:
     """SIGTERM our server, SIGKILL it past STOP_TIMEOUT, then kill and reap what is left
-    of what it forked (room workers, room forker). A server we did not start is left
+    of what it forked (room workers). A server we did not start is left
     alone."""
     if handle.proc is None:
         return
