@@ -97,32 +97,49 @@ def exit_code(result: os.waitid_result) -> int:
     return -result.si_status
 
 
-def fork_child(target: Callable[..., int], args: tuple, what: str = "a child") -> Child:
-    """Fork ``what``, a child that runs ``target(*args)`` and exits with its return
-    value. Raises ForkError if it cannot be done now; a child that was forked but cannot
-    be watched (out of fds) is killed and reaped.
+def fork_children(
+    jobs: list[tuple[Callable[..., int], tuple]], what: str
+) -> list[Child | ForkError]:
+    """Fork one child per job, back to back: a child runs ``target(*args)`` and exits
+    with its return value. Returns, for each job in order, its :class:`Child`, or the
+    :class:`ForkError` that says why it could not be started (``what`` names it); a
+    child forked but not watchable (out of fds) is killed and reaped.
 
-    The parent's signals are blocked around the fork, so none lands in a half-made child
-    (the child unblocks them once its own handlers are set), and the heap is frozen, so
-    the child's garbage collector never walks (and copies) the parent's objects.
+    The parent does as little as it can between two forks: every page it writes after a
+    fork is copied (a fault for the parent), and the old copy stays with the child
+    forked just before, as its own memory. The parent's signals are blocked across the
+    forks, so none lands in a half-made child (it unblocks them once its handlers are
+    set), and the heap is frozen, so no child's garbage collector walks (and copies)
+    the parent's objects.
     """
+    forked: list[int | ForkError] = []
     old = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
     gc.freeze()
     try:
-        pid = os.fork()
-        if pid == 0:
-            run_child(target, args)  # never returns
-    except OSError as exc:
-        raise ForkError(f"cannot fork {what}: {exc.strerror or exc}") from None
+        for target, args in jobs:
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                forked.append(ForkError(f"cannot fork {what}: {exc.strerror or exc}"))
+                continue
+            if pid == 0:
+                run_child(target, args)  # never returns
+            forked.append(pid)
     finally:
         gc.unfreeze()
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return [watch_child(pid, what) if isinstance(pid, int) else pid for pid in forked]
+
+
+def watch_child(pid: int, what: str) -> Child | ForkError:
+    """The Child for ``pid``, a child just forked; or, if no pidfd can be had (out of
+    fds), the child killed and reaped, and the ForkError saying so."""
     try:
         return Child(pid, os.pidfd_open(pid))
     except OSError as exc:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise ForkError(f"cannot watch {what}: {exc.strerror or exc}") from None
+        return ForkError(f"cannot watch {what}: {exc.strerror or exc}")
 
 
 def run_child(target: Callable[..., int], args: tuple) -> None:

@@ -27,7 +27,7 @@ class RoomSupply(Protocol):
         """A room may be opened now (one is free, and the server is not stopping)."""
 
     def open(self, first: Conn, second: Conn) -> None:
-        """Open a room for the pair (or tell both it failed)."""
+        """Give the pair a room (or tell both it failed)."""
 
     def is_full(self) -> bool:
         """Every room is taken."""
@@ -118,6 +118,8 @@ class Lobby:
             for conn in dead:
                 self.clients.close_gracefully(conn, "closed while waiting")
             if not dead:
+                for conn in pair:
+                    self.queue.remove(conn)
                 self.rooms.open(*pair)
 
     # -- telling why --------------------------------------------------------------------

@@ -543,10 +543,9 @@ def send_now(conn: Conn, data: bytes) -> None:
 def start_room(
     number: int, first: Conn, second: Conn, clients: Any, rules: RoomRules, parent: Log, fds: FdMap
 ) -> int:
-    """In a new worker, forked by the server or the forker (``parent`` is the forking
-    process's log, ``fds`` its fd map): drop everything of the parent's but the pair and
-    the room's end of its channel, name the process, then relay (:func:`run_room`).
-    Returns the worker's exit status."""
+    """In a new worker (``parent`` is the server's log, ``fds`` its fd map): drop
+    everything of the server's but the pair and the room's end of its channel, name the
+    process, then relay (:func:`run_room`). Returns the worker's exit status."""
     reset_inherited_signals()
     keep = [first.fd, second.fd]
     if rules.channel is not None:

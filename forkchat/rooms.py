@@ -1,7 +1,7 @@
 """The parent's rooms: forking a worker for each pair, counting its clients, taking back
 the clients it hands back, reaping it.
 
-A room worker is a plain ``os.fork()`` child of the server (``children.fork_child``),
+A room worker is a plain ``os.fork()`` child of the server (``children.fork_children``),
 watched through its pidfd. Each room gets, before the fork, its client count (a
 lock-free ``multiprocessing.Value`` from the fork context pinned below, inherited by the
 worker, which alone writes it until it is gone) and its channel (a Unix socketpair for
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import protocol as p
-from .children import Child, ForkError, describe_exit, fork_child
+from .children import Child, ForkError, describe_exit, fork_children
 from .clients import Clients
 from .conn import IN_ROOM, Conn
 from .handback import ChannelReader, HandBack, note_line, restore_conn
@@ -32,6 +32,10 @@ from .room import RoomRules, start_room
 # memory, which forked workers inherit (Python 3.14 changes the Linux default).
 MP = multiprocessing.get_context("fork")
 STOP_GRACE = 5.0  # seconds rooms get to say BYE at shutdown before they are killed
+# Rooms forked back to back in one pass of the loop, at most: enough that the parent's
+# own work (accept, names, log) does not come between every two forks, few enough that
+# the new rooms, all starting at once, do not starve it of the CPU.
+FORK_BATCH = 32
 
 
 class RoomProc:
@@ -77,6 +81,7 @@ class Rooms:
         self.rooms: dict[int, RoomProc] = {}  # sentinel -> room
         self.channels: dict[int, RoomProc] = {}  # channel fd -> room
         self.opened = 0  # rooms opened so far: the last room number
+        self.ready: list[tuple[Conn, Conn]] = []  # pairs given a room, to fork in this pass
         self.stopping = False
 
     def __len__(self) -> int:
@@ -86,56 +91,90 @@ class Rooms:
         return iter(list(self.rooms.values()))
 
     def can_open(self) -> bool:
-        return len(self.rooms) < self.max_rooms and not self.stopping
+        return len(self.rooms) + len(self.ready) < self.max_rooms and not self.stopping
 
     def is_full(self) -> bool:
-        return len(self.rooms) >= self.max_rooms
+        return len(self.rooms) + len(self.ready) >= self.max_rooms
 
     # -- opening ------------------------------------------------------------------------
 
     def open(self, first: Conn, second: Conn) -> None:
-        """Fork a worker for the pair; the parent then closes its copies of both
-        sockets. The worker logs "room N opened" itself, so that line comes before its
-        others. If no worker can be started, both are told ``BYE error``."""
-        number = self.opened + 1
-        try:
-            room = self.fork_room(number, first, second)
-        except ForkError as exc:
-            self.log.error(f"room {number}: {exc}")
-            for conn in (first, second):
-                self.clients.say_bye(conn, p.BYE_ERROR, "could not open a room, try again later")
-            return
-        self.opened = number
+        """Give the pair a room: its worker is forked at the end of this pass of the
+        loop (:meth:`fork_ready`), with the other pairs made in the same pass. Forking
+        them back to back keeps the parent's work between two forks small: every page
+        the parent writes after a fork is copied, for the parent, and for the room
+        forked just before, whose own it then stays. Until then the pair is this part's,
+        and its input waits in the kernel, for the room."""
         for conn in (first, second):
-            self.clients.release(conn)
             conn.state = IN_ROOM
-            conn.close()
-        self.rooms[room.child.sentinel] = room
-        self.channels[room.channel.fileno()] = room
-        self.sel.register(room.child.sentinel, selectors.EVENT_READ, self.on_sentinel)
-        self.sel.register(room.channel, selectors.EVENT_READ, self.on_channel)
+            self.clients.hand_to(conn, self)
+        self.ready.append((first, second))
 
-    def fork_room(self, number: int, first: Conn, second: Conn) -> RoomProc:
-        """The room's count (2) and channel, then its worker. Raises ForkError, leaving
-        nothing behind. The parent's end of the channel and the sentinel are marked in
-        the fd map: later workers close them."""
+    def fork_ready(self) -> None:
+        """Fork a worker for each pair given a room (FORK_BATCH at most: the others in
+        the next pass), back to back, each room's count and channel made first; then
+        settle each: the parent closes its copies of the pair's sockets and watches the
+        worker. The worker logs "room N opened" itself, so that line comes before its
+        others. A pair whose room cannot be made is told ``BYE error``."""
+        launches = []  # (the worker's arguments, our end of its channel)
+        batch, self.ready = self.ready[:FORK_BATCH], self.ready[FORK_BATCH:]
+        for first, second in batch:
+            try:
+                launches.append(self.prepare(first, second))
+            except ForkError as exc:
+                self.refuse(first, second, exc)
+        jobs = [(self.become_room, args) for args, _ in launches]
+        children = fork_children(jobs, "a room worker") if jobs else []
+        for (args, ours), child in zip(launches, children, strict=True):
+            number, first, second, count, theirs = args
+            self.fds.disown(theirs.fileno())
+            theirs.close()
+            if isinstance(child, ForkError):
+                self.fds.disown(ours.fileno())
+                ours.close()
+                self.refuse(first, second, child)
+                continue
+            self.settle(RoomProc(number, child, count, ours), first, second)
+
+    def prepare(self, first: Conn, second: Conn) -> tuple[tuple, socket.socket]:
+        """A room's number, count (2) and channel: its worker's arguments, and our end
+        of the channel. Both ends are marked in the fd map, so every worker forked in
+        the same pass closes those that are not its own. Raises ForkError, leaving
+        nothing."""
         try:
             count = MP.Value("i", 2, lock=False)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:  # a new arena of shared memory, or the pair, needs fds
             raise ForkError(f"cannot make a room channel: {exc.strerror or exc}") from None
         self.fds.own(ours.fileno())
-        try:
-            args = (number, first, second, count, theirs)
-            child = fork_child(self.become_room, args, "a room worker")
-        except ForkError:
-            self.fds.disown(ours.fileno())
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        self.fds.own(child.sentinel)
-        return RoomProc(number, child, count, ours)
+        self.fds.own(theirs.fileno())
+        self.opened += 1
+        return (self.opened, first, second, count, theirs), ours
+
+    def settle(self, room: RoomProc, first: Conn, second: Conn) -> None:
+        """The worker runs: the parent closes its copies of the pair's sockets and
+        watches the worker's sentinel (marked in the fd map: later workers close it)
+        and its channel."""
+        for conn in (first, second):
+            self.clients.release(conn)
+            conn.close()
+        self.fds.own(room.child.sentinel)
+        self.rooms[room.child.sentinel] = room
+        self.channels[room.channel.fileno()] = room
+        self.sel.register(room.child.sentinel, selectors.EVENT_READ, self.on_sentinel)
+        self.sel.register(room.channel, selectors.EVENT_READ, self.on_channel)
+
+    def refuse(self, first: Conn, second: Conn, exc: ForkError) -> None:
+        """No room for the pair: log why, tell both ``BYE error``."""
+        self.log.error(f"room for {first.label} + {second.label}: {exc}")
+        for conn in (first, second):
+            self.clients.say_bye(conn, p.BYE_ERROR, "could not open a room, try again later")
+
+    def on_ready(self, conn: Conn, mask: int) -> None:
+        """A client waiting for its room's fork: its input is the room's."""
+
+    def forget(self, conn: Conn) -> None:
+        """A client given a room leaves this part only through the fork (or its BYE)."""
 
     def become_room(
         self, number: int, first: Conn, second: Conn, count: Any, channel: socket.socket
@@ -230,8 +269,12 @@ class Rooms:
         room.channel.close()
 
     def held(self) -> int:
-        """Clients in rooms (a worker reaped already holds none)."""
-        return sum(room.held for room in self.rooms.values() if room.child.exitcode is None)
+        """Clients in rooms, the pairs about to be forked included."""
+        return 2 * len(self.ready) + sum(room.held for room in self.rooms.values())
+
+    def count(self) -> int:
+        """Rooms open, the pairs about to be forked included."""
+        return len(self.rooms) + len(self.ready)
 
     # -- shutdown -----------------------------------------------------------------------
 
@@ -240,6 +283,10 @@ class Rooms:
         then SIGUSR1 through its pidfd (never another process that reused the PID). A
         worker gone already is not signalled; its sentinel still ends it in the loop."""
         self.stopping = True
+        for pair in self.ready:
+            for conn in pair:
+                self.clients.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
+        self.ready.clear()
         note = note_line(why)
         for room in self.rooms.values():
             try:

@@ -188,6 +188,7 @@ class Server:
                 if live.get(key.fd) is key:
                     key.data(key, mask)
             self.expire_timers()
+            self.rooms.fork_ready()  # the pairs this pass gave a room, back to back
         self.log.plain("SERVER WILL DISCONNECT")
         return EXIT_OK
 
@@ -210,6 +211,8 @@ class Server:
 
     def next_timeout(self) -> float | None:
         """Seconds until the earliest deadline (name timeout, linger, pause, shutdown)."""
+        if self.rooms.ready:
+            return 0.0  # pairs wait for their fork: the next pass forks them
         deadlines = [self.door.next_deadline(), self.clients.next_deadline()]
         if self.stopping:
             deadlines.append(self.stop_deadline)
@@ -247,7 +250,7 @@ class Server:
         self.rooms.reap_exited()
         waiting, handshaking = len(self.lobby), len(self.door)
         clients = self.rooms.held() + waiting + handshaking
-        self.log.plain(format_report(clients, len(self.rooms), waiting, handshaking))
+        self.log.plain(format_report(clients, self.rooms.count(), waiting, handshaking))
 
     def handle_usr1(self) -> None:
         self.begin_shutdown("SIGUSR1")

@@ -375,6 +375,7 @@ def test_a_silent_connection_is_closed_at_the_name_timeout_and_delays_nobody(sta
     silent.expect_closed(timeout=5)
     waited = time.monotonic() - began
     assert 0.9 <= waited < 3.0, waited
+    srv.out.wait_for(f"client disconnected {re.escape(silent.here)} ")  # closed, then logged
     assert_one_failure_line(srv, silent.here, "timeout")
     leave(alice, bob)
 
