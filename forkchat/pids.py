@@ -17,29 +17,29 @@ One line per process: the server (the process named forkchat-server that listens
 PORT), its rooms (its children titled forkchat-room, shown as #7:alice+bob), then the
 processes connected to them: "client" for a forkchat client (bin/client, shown by its
 user's name), "other" for any other program (nc, openssl, haproxy, shown by the
-program's name). A process with several connections is one line; peers are listed in
-address order. Another program listening on PORT is named in one line on stderr,
-neither listed nor signalled; a service manager's copy of the listener (systemd's,
-behind socket activation) is not mentioned.
+program's name). A process with several connections is one line. Addresses are in
+address order (IPv4 first, then by number). Another program listening on PORT is named
+in one line on stderr, neither listed nor signalled; a service manager's copy of the
+listener (systemd's, behind socket activation) is not mentioned.
 
-The signal goes to the server: SIGUSR2 prints its client count; SIGUSR1, SIGTERM or
-SIGINT shut it down; SIGRTMIN upgrades it in place. With --all it goes to each forkchat
-client too, if bin/client takes it (SIGUSR2: a status line; SIGUSR1, SIGTERM, SIGINT,
-SIGHUP: it leaves); a signal bin/client does not take (SIGRTMIN, SIGKILL) is not sent
-to clients, and stderr says so in one line. Rooms and other programs are never
-signalled (with --all, stderr names the other programs left alone).
+The signal goes to the server: SIGUSR2 prints its client count; SIGUSR1, SIGTERM,
+SIGINT or SIGHUP shut it down; SIGRTMIN upgrades it in place. With --all it goes to
+each forkchat client too, if bin/client takes it (SIGUSR2: a status line; SIGUSR1,
+SIGTERM, SIGINT, SIGHUP: it leaves); a signal bin/client does not take (SIGRTMIN,
+SIGKILL) is not sent to clients, and stderr says so in one line. Rooms and other
+programs are never signalled (with --all, stderr names the other programs left alone).
 
 In JSON each entry has role (server, room, client, other), pid, ppid, name, address
-(its local addresses, space-separated), peers, age (seconds), holder (for a client or
-other: the PID of the server or room at the other end, null if unknown or several),
-room (a room's number, from its title) and note: null, or "access denied" for a
-connection whose process belongs to another user (its pid, ppid, name and age are then
-null). With --signal, one object per process signalled, with signal and result (sent,
-gone, denied).
+(its local addresses, space-separated), peers (the other ends), age (seconds), holder
+(for a client or other: the PID of the server or room at the other end, null if
+unknown or several), room (a room's number, from its title) and note: null, or
+"access denied" for a connection whose process belongs to another user (its pid, ppid,
+name and age are then null). With --signal, one object per process signalled, with
+signal and result (sent, gone, denied).
 
-Exit status: 0 once the server was listed or signalled; 1 if no forkchat server
-listens on PORT, or the server or a client could not be signalled (it had exited, or
-belongs to another user); 2 for a bad command line.
+Exit status: 0 when the server was listed or signalled; 1 if no forkchat server listens
+on PORT, if the server exited before the signal, or if a process to signal belongs to
+another user; 2 for a bad command line.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 COLUMNS = ("ROLE", "PID", "PPID", "NAME", "ADDRESS", "PEER", "AGE")
-# What bin/client does not die of: the signals it handles, and those ignored by default.
+# The signals a bin/client survives: those it handles (leave, status, terminal) and those
+# ignored by default. Any other would end (or stop) it.
 CLIENT_SIGNALS = frozenset(
     {*LEAVE_SIGNALS, STATUS_SIGNAL, *TTY_SIGNALS, signal.SIGCHLD, signal.SIGURG}
 )
@@ -183,16 +184,15 @@ def spared_lines(entries: list[Entry], opts: Options) -> list[str]:
     lines = []
     if opts.all and clients and opts.signal not in CLIENT_SIGNALS:
         lines.append(
-            f"{name} not sent to {count(clients, 'client')}: "
-            "bin/client does not handle it and would die of it"
+            f"{name} not sent to {format_count(clients, 'client')}: bin/client does not handle it"
         )
     if opts.all and others:
         who = ", ".join(f"pid {format_pid(e.pid)} ({e.name or e.note})" for e in others)
-        lines.append(f"{name} not sent to {count(others, 'other program')}: {who}")
+        lines.append(f"{name} not sent to {format_count(others, 'other program')}: {who}")
     return lines
 
 
-def count(entries: list[Entry], noun: str) -> str:
+def format_count(entries: list[Entry], noun: str) -> str:
     """``the client``, ``the 3 clients``."""
     return f"the {noun}" if len(entries) == 1 else f"the {len(entries)} {noun}s"
 

@@ -12,6 +12,7 @@ several connections is one entry.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -156,7 +157,9 @@ def pick_servers(holders: Mapping[int, tuple[int | None, bool]]) -> tuple[list[i
     is any other holder whose parent holds none: another program on the port.
     """
     servers = sorted(
-        pid for pid, (ppid, named) in holders.items() if named and not is_server(holders, ppid)
+        pid
+        for pid, (ppid, named) in holders.items()
+        if named and not is_server_holder(holders, ppid)
     )
     managers: set[int] = set()
     for pid in servers:
@@ -172,7 +175,7 @@ def pick_servers(holders: Mapping[int, tuple[int | None, bool]]) -> tuple[list[i
     return servers, strangers
 
 
-def is_server(holders: Mapping[int, tuple[int | None, bool]], pid: int | None) -> bool:
+def is_server_holder(holders: Mapping[int, tuple[int | None, bool]], pid: int | None) -> bool:
     return pid in holders and holders[pid][1]
 
 
@@ -281,10 +284,12 @@ def format_addr(addr: Any) -> str:
     return format_peer((host, addr.port))
 
 
-def addr_key(text: str) -> tuple[str, int]:
-    """Sort key of an ``IP:port`` text: by address, then port as a number."""
+def addr_key(text: str) -> tuple[int, Any, int]:
+    """Sort key of an ``IP:port`` (``[IP]:port``) text: IPv4 first, then by address,
+    then by port, as numbers."""
     host, _, port = text.rpartition(":")
-    return host, int(port)
+    ip = ipaddress.ip_address(host.strip("[]"))
+    return ip.version, ip, int(port)
 
 
 def port_sockets(proc: psutil.Process, port: int) -> list[Any]:

@@ -299,8 +299,7 @@ def test_rtmin_goes_to_the_server_never_to_clients(piped, spelling):
             assert done.returncode == 0, done.stderr
             assert done.stdout == f"sent SIGRTMIN to server pid {srv.pid} (127.0.0.1:{srv.port})\n"
             assert done.stderr.splitlines() == [
-                "forkchat pids: SIGRTMIN not sent to the 2 clients: bin/client does not "
-                "handle it and would die of it",
+                "forkchat pids: SIGRTMIN not sent to the 2 clients: bin/client does not handle it",
                 "forkchat pids: SIGRTMIN not sent to the other program: "
                 f"pid {other.pid} ({program_name(other.pid)})",
             ]

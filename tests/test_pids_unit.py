@@ -393,7 +393,7 @@ def test_what_all_spares_is_said_in_a_line_each():
     hidden = Entry("other", None, None, None, "127.0.0.1:5005", [], None, note="access denied")
     entries = [server, a, nc, hidden]
     assert pids.spared_lines(entries, with_signal(signal.SIGRTMIN, True)) == [
-        "SIGRTMIN not sent to the client: bin/client does not handle it and would die of it",
+        "SIGRTMIN not sent to the client: bin/client does not handle it",
         "SIGRTMIN not sent to the 2 other programs: pid 24 (nc), pid ? (access denied)",
     ]
     assert pids.spared_lines(entries, with_signal(signal.SIGUSR2, True)) == [
@@ -511,3 +511,14 @@ def test_another_listener_alone_fails_with_its_pid_name_and_address(monkeypatch)
     assert pidsfind.stranger_text(4000, holder, alone=False).startswith(
         f"port 4000 is also held by pid {proc.pid} (python3) on 127.0.0.2:4000, "
     )
+
+
+def test_addresses_sort_as_numbers_ipv4_first():
+    texts = ["[::1]:80", "127.0.0.10:80", "127.0.0.2:443", "127.0.0.2:80", "[::ffff:1]:1"]
+    assert sorted(texts, key=pidsfind.addr_key) == [
+        "127.0.0.2:80",
+        "127.0.0.2:443",
+        "127.0.0.10:80",
+        "[::1]:80",
+        "[::ffff:1]:1",
+    ]
