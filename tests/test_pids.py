@@ -537,10 +537,12 @@ def test_bad_values_exit_2_without_traceback(argv):
 def shared_listener(request):
     """(port, parent pid, child pid) of a process whose forked child holds its listener;
     named as ``request.param`` says (``(parent naming, child titled)``), by default like
-    today's server: comm only."""
+    today's server: comm only. Yielded once the child has named itself, if it does."""
     naming, titled = getattr(request, "param", ("comm", "untitled"))
     with script_tree(SHARED_LISTENER_CODE, naming, titled) as (proc, out):
         port, child = map(int, out.wait_for(r"^(\d+) (\d+)$").groups())
+        if naming != "none":  # a child is a room once it has named itself
+            wait_until(lambda: program_name(child).startswith("forkchat-room"), what="room named")
         yield port, proc.pid, child
 
 
