@@ -13,8 +13,8 @@ from collections import namedtuple
 import psutil
 import pytest
 
-from forkchat import pids
-from forkchat.pids import Entry
+from forkchat import pids, pidsfind
+from forkchat.pidsfind import Entry
 from support import BIN, child_env
 
 Addr = namedtuple("Addr", "ip port")
@@ -37,32 +37,41 @@ def free_port() -> int:
 # -- choosing the server -------------------------------------------------------------------
 
 
+S, X = True, False  # named forkchat-server, or not
+
+
 @pytest.mark.parametrize(
-    ("listeners", "servers"),
+    ("holders", "servers", "strangers"),
     [
-        ({100: 1}, [100]),  # one server
-        ({100: 1, 200: 100}, [100]),  # a fresh room still holds the listener
-        ({200: 100, 100: 1}, [100]),  # whichever order psutil found them in
-        ({100: 1, 200: 100, 300: 200}, [100]),  # a grandchild too
-        ({100: 1, 200: 100, 201: 100}, [100]),  # two fresh rooms
-        ({100: 1, 500: 2}, [100, 500]),  # two unrelated servers (e.g. IPv4 and IPv6)
-        ({}, []),
+        ({100: (1, S)}, [100], []),  # one server
+        ({100: (1, S), 200: (100, S)}, [100], []),  # a fresh room still holds the listener
+        ({200: (100, S), 100: (1, S)}, [100], []),  # whichever order psutil found them in
+        ({100: (1, S), 200: (100, X)}, [100], []),  # a room that took its title
+        ({100: (1, S), 200: (100, S), 300: (200, S)}, [100], []),  # a grandchild too
+        ({100: (1, S), 500: (2, S)}, [100, 500], []),  # two servers (e.g. IPv4 and IPv6)
+        ({1: (0, X), 100: (1, S)}, [100], []),  # socket activation: the manager's copy
+        ({1: (0, X), 100: (1, S), 200: (100, S)}, [100], []),  # ... and a fresh room
+        ({50: (1, X), 60: (50, X), 100: (60, S)}, [100], []),  # a manager's manager
+        ({100: (1, S), 300: (2, X)}, [100], [300]),  # another program on the port
+        ({300: (2, X), 301: (300, X)}, [], [300]),  # another program and its child
+        ({300: (2, X)}, [], [300]),
+        ({}, [], []),
     ],
 )
-def test_pick_servers_takes_the_listener_whose_parent_is_not_one(listeners, servers):
-    assert pids.pick_servers(listeners) == servers
+def test_pick_servers_takes_forkchat_listeners_whose_parent_is_none(holders, servers, strangers):
+    assert pidsfind.pick_servers(holders) == (servers, strangers)
 
 
 def test_find_servers_reports_a_listener_hidden_by_access_denied():
     conns = [tcp(("127.0.0.1", 4000), None, psutil.CONN_LISTEN, None)]
-    with pytest.raises(pids.LookupFailed, match=r"cannot see \(access denied\)"):
-        pids.find_servers(conns, 4000)
+    with pytest.raises(pidsfind.LookupFailed, match=r"cannot see \(access denied\)"):
+        pidsfind.find_servers(conns, 4000)
 
 
 def test_find_servers_without_a_listener_says_so():
     conns = [tcp(("127.0.0.1", 4001), None, psutil.CONN_LISTEN, os.getpid())]
-    with pytest.raises(pids.LookupFailed, match="no server listening on port 4000"):
-        pids.find_servers(conns, 4000)
+    with pytest.raises(pidsfind.LookupFailed, match="no server listening on port 4000"):
+        pidsfind.find_servers(conns, 4000)
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -71,6 +80,11 @@ def test_find_servers_without_a_listener_says_so():
 @pytest.mark.parametrize("text", ["USR2", "SIGUSR2", "12", "usr2", " sigusr2 "])
 def test_parse_signal_accepts_name_prefixed_name_and_number(text):
     assert pids.parse_signal(text) == signal.SIGUSR2
+
+
+@pytest.mark.parametrize("text", ["RTMIN", "SIGRTMIN", "rtmin", str(int(signal.SIGRTMIN))])
+def test_parse_signal_takes_the_upgrade_trigger(text):
+    assert pids.parse_signal(text) == signal.SIGRTMIN
 
 
 @pytest.mark.parametrize("text", ["FOO", "SIGFOO", "0", "999", "-12", ""])
@@ -156,15 +170,20 @@ def test_socket_list_refused_by_the_os_is_reported_as_such(monkeypatch, capsys):
         (["python", "bin/client"], "client"),
         (["python", "bin/client", "--port", "33016"], "client"),
         (["python", "bin/client", "--", "-dash-"], "-dash-"),
+        (["python", "bin/client", "--cafile", "ca.pem", "frank"], "frank"),
+        (["python", "/my dir/bin/client", "gina"], "gina"),  # a path with a space
+        (["forkchat-client hank --port 1", "", ""], "hank"),  # a title
         ([".venv/bin/python", ".venv/bin/forkchat-client", "dave"], "dave"),
         (["python3", "-m", "forkchat.client", "erin"], "erin"),
         (["nc", "127.0.0.1", "33016"], None),
+        (["openssl", "s_client", "-connect", "127.0.0.1:33016"], None),
+        (["haproxy", "-db", "-f", "/etc/haproxy/haproxy.cfg"], None),
         (["python", "-c", "import socket"], None),
         ([], None),
     ],
 )
 def test_client_name_comes_from_a_forkchat_client_command_line(cmdline, name):
-    assert pids.client_name(cmdline) == name
+    assert pidsfind.client_name(cmdline) == name
 
 
 @pytest.mark.parametrize(
@@ -176,7 +195,7 @@ def test_client_name_comes_from_a_forkchat_client_command_line(cmdline, name):
     ],
 )
 def test_format_addr(ip, text):
-    assert pids.format_addr(Addr(ip, 33016)) == text
+    assert pidsfind.format_addr(Addr(ip, 33016)) == text
 
 
 @pytest.mark.parametrize(
@@ -225,50 +244,67 @@ def family(port: int, listen_ip: str = "127.0.0.1") -> list[Entry]:
     return [server, room]
 
 
-def test_find_clients_matches_both_ends_and_the_listening_address():
+def test_find_connected_matches_both_ends_and_the_listening_address():
+    """One entry per process, whatever its number of connections; one per connection
+    whose process is hidden."""
     me, port = os.getpid(), 4000
     srv = ("127.0.0.1", port)
     conns = [
+        tcp(("127.0.0.1", 5004), srv, psutil.CONN_ESTABLISHED, me),  # not accepted yet
         tcp(("127.0.0.1", 5001), srv, psutil.CONN_ESTABLISHED, me),  # in the room
         tcp(("127.0.0.1", 5002), srv, psutil.CONN_ESTABLISHED, None),  # in the room, hidden
         tcp(("127.0.0.1", 5003), srv, psutil.CONN_ESTABLISHED, me),  # waiting
-        tcp(("127.0.0.1", 5004), srv, psutil.CONN_ESTABLISHED, me),  # not accepted yet
         tcp(("127.0.0.1", 5005), srv, psutil.CONN_CLOSE_WAIT, me),  # server side gone
         tcp(("10.0.0.9", 5006), ("10.0.0.7", port), psutil.CONN_ESTABLISHED, me),  # elsewhere
         tcp(srv, ("127.0.0.1", 5001), psutil.CONN_ESTABLISHED, 11),  # the room's own end
     ]
-    found = pids.find_clients(conns, family(port), now=0.0)
-    got = {(c.address, c.pid, c.holder, c.note) for c in found}
-    assert got == {
-        ("127.0.0.1:5001", me, 11, None),
-        ("127.0.0.1:5002", None, 11, "access denied"),
-        ("127.0.0.1:5003", me, 10, None),
-        ("127.0.0.1:5004", me, None, None),
-    }
-    assert all(c.role == "client" and c.peers == [f"127.0.0.1:{port}"] for c in found)
+    found = pidsfind.find_connected(conns, family(port), now=0.0)
+    got = [(c.role, c.pid, c.name, c.address, c.holder, c.note) for c in found]
+    assert got == [
+        (
+            "other",  # pytest is no forkchat client
+            me,
+            psutil.Process().name(),
+            "127.0.0.1:5001 127.0.0.1:5003 127.0.0.1:5004",  # in address order
+            None,  # held by the room, the server and nobody yet: several
+            None,
+        ),
+        ("other", None, None, "127.0.0.1:5002", 11, "access denied"),
+    ]
+    assert found[0].peers == [f"127.0.0.1:{port}"] * 3 and found[1].peers == [f"127.0.0.1:{port}"]
 
 
-def test_find_clients_of_a_wildcard_listener_needs_the_server_end():
+def test_a_process_whose_connections_one_room_holds_has_that_holder():
+    me, port = os.getpid(), 4000
+    conns = [
+        tcp(("127.0.0.1", 5002), ("127.0.0.1", port), psutil.CONN_ESTABLISHED, me),
+        tcp(("127.0.0.1", 5001), ("127.0.0.1", port), psutil.CONN_ESTABLISHED, me),
+    ]
+    (found,) = pidsfind.find_connected(conns, family(port), now=0.0)
+    assert (found.address, found.holder) == ("127.0.0.1:5001 127.0.0.1:5002", 11)
+
+
+def test_find_connected_of_a_wildcard_listener_needs_the_server_end():
     me, port = os.getpid(), 4000
     conns = [
         tcp(("127.0.0.1", 5001), ("127.0.0.1", port), psutil.CONN_ESTABLISHED, me),
         tcp(("127.0.0.1", 5009), ("127.0.0.1", port), psutil.CONN_ESTABLISHED, me),  # another
     ]
-    found = pids.find_clients(conns, family(port, listen_ip="0.0.0.0"), now=0.0)
+    found = pidsfind.find_connected(conns, family(port, listen_ip="0.0.0.0"), now=0.0)
     assert [(c.address, c.holder) for c in found] == [("127.0.0.1:5001", 11)]
 
 
-def test_rooms_are_named_after_their_known_clients_and_clients_follow_their_holder():
+def test_clients_come_before_others_each_in_their_holders_order():
     server, room = family(4000)
-    clients = [
-        Entry("client", 23, 1, None, "127.0.0.1:5003", [], 1.0, holder=10),
-        Entry("client", 22, 1, None, "127.0.0.1:5002", [], 1.0, holder=11),
+    connected = [
+        Entry("other", 24, 1, "nc", "127.0.0.1:5004", [], 1.0, holder=11),
+        Entry("client", 23, 1, "carol", "127.0.0.1:5003", [], 1.0, holder=10),
+        Entry("other", None, None, None, "127.0.0.1:5005", [], None, holder=None),
+        Entry("client", 22, 1, "bob", "127.0.0.1:5002", [], 1.0, holder=11),
         Entry("client", 21, 1, "alice", "127.0.0.1:5001", [], 1.0, holder=11),
     ]
-    pids.name_rooms([server, room], clients)
-    assert (server.name, room.name) == (None, "alice+?")
-    ordered = pids.order_clients(clients, [server, room])
-    assert [c.pid for c in ordered] == [21, 22, 23]
+    ordered = pidsfind.order_connected(connected, [server, room])
+    assert [c.pid for c in ordered] == [21, 22, 23, 24, None]
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -276,17 +312,17 @@ def test_rooms_are_named_after_their_known_clients_and_clients_follow_their_hold
 
 def test_table_has_a_header_and_aligned_columns():
     server, room = family(4000)
-    room.name = "alice+bob"
+    room.room, room.name = 1, "alice+bob"
     hidden = Entry(
-        "client", None, None, None, "127.0.0.1:5002", ["127.0.0.1:4000"], None, note="access denied"
+        "other", None, None, None, "127.0.0.1:5002", ["127.0.0.1:4000"], None, note="access denied"
     )
     lines = pids.render_table([server, room, hidden]).splitlines()
     assert lines[0].split() == ["ROLE", "PID", "PPID", "NAME", "ADDRESS", "PEER", "AGE"]
     assert lines[1].split() == ["server", "10", "1", "-", "127.0.0.1:4000", "127.0.0.1:5003", "9s"]
-    assert lines[2].split()[:4] == ["room", "11", "10", "alice+bob"]
+    assert lines[2].split()[:4] == ["room", "11", "10", "#1:alice+bob"]
     assert lines[2].split()[4:] == ["127.0.0.1:4000", "127.0.0.1:5001", "127.0.0.1:5002", "3s"]
     assert lines[3].split() == [
-        "client",
+        "other",
         "?",
         "?",
         "(access",
@@ -304,6 +340,8 @@ def test_many_peers_are_counted_in_the_table_and_listed_in_json():
         "server", 10, 1, None, "127.0.0.1:4000", [f"127.0.0.1:{p}" for p in range(5)], 1.0
     )
     assert "5 clients" in pids.render_table([server])
+    proxy = Entry("other", 20, 1, "haproxy", " ".join(server.peers), ["127.0.0.1:4000"] * 3, 1.0)
+    assert pids.table_row(proxy)[3:6] == ("haproxy", "5 sockets", "3 peers")
     data = json.loads(pids.render_json([server]))
     assert data[0]["peers"] == server.peers
     assert set(data[0]) >= {"role", "pid", "ppid", "address", "name", "age"}
@@ -320,14 +358,49 @@ class Refusing:
         raise psutil.AccessDenied(pid=1)
 
 
-def test_signal_targets_are_the_server_then_each_client_process_once():
+def with_signal(sig: signal.Signals, everyone: bool) -> pids.Options:
+    return pids.Options(4000, False, sig, everyone)
+
+
+def test_signal_targets_are_the_server_then_each_forkchat_client():
     server, room = family(4000)
-    a = Entry("client", 21, 1, None, "127.0.0.1:5001", [], 1.0)
-    a2 = Entry("client", 21, 1, None, "127.0.0.1:5002", [], 1.0)  # same process, 2 sockets
-    b = Entry("client", 23, 1, None, "127.0.0.1:5003", [], 1.0)
-    entries = [server, room, a, a2, b]
-    assert pids.signal_targets(entries, everyone=False) == [server]
-    assert pids.signal_targets(entries, everyone=True) == [server, a, b]
+    a = Entry("client", 21, 1, "alice", "127.0.0.1:5001", [], 1.0)
+    b = Entry("client", 23, 1, "bob", "127.0.0.1:5003", [], 1.0)
+    nc = Entry("other", 24, 1, "nc", "127.0.0.1:5004", [], 1.0)
+    hidden = Entry("other", None, None, None, "127.0.0.1:5005", [], None, note="access denied")
+    entries = [server, room, a, b, nc, hidden]
+    assert pids.signal_targets(entries, with_signal(signal.SIGUSR2, False)) == [server]
+    assert pids.signal_targets(entries, with_signal(signal.SIGUSR2, True)) == [server, a, b]
+    assert pids.signal_targets(entries, with_signal(signal.SIGRTMIN, True)) == [server]
+
+
+@pytest.mark.parametrize(
+    "name", ["USR2", "USR1", "TERM", "INT", "HUP", "CONT", "WINCH", "TSTP", "CHLD", "URG"]
+)
+def test_clients_get_the_signals_bin_client_takes(name):
+    assert pids.parse_signal(name) in pids.CLIENT_SIGNALS
+
+
+@pytest.mark.parametrize("name", ["RTMIN", "KILL", "STOP", "QUIT", "ALRM", "TTIN", "SEGV"])
+def test_clients_never_get_a_signal_they_would_die_or_stop_of(name):
+    assert pids.parse_signal(name) not in pids.CLIENT_SIGNALS
+
+
+def test_what_all_spares_is_said_in_a_line_each():
+    server, _ = family(4000)
+    a = Entry("client", 21, 1, "alice", "127.0.0.1:5001", [], 1.0)
+    nc = Entry("other", 24, 1, "nc", "127.0.0.1:5004", [], 1.0)
+    hidden = Entry("other", None, None, None, "127.0.0.1:5005", [], None, note="access denied")
+    entries = [server, a, nc, hidden]
+    assert pids.spared_lines(entries, with_signal(signal.SIGRTMIN, True)) == [
+        "SIGRTMIN not sent to the client: bin/client does not handle it",
+        "SIGRTMIN not sent to the 2 other programs: pid 24 (nc), pid ? (access denied)",
+    ]
+    assert pids.spared_lines(entries, with_signal(signal.SIGUSR2, True)) == [
+        "SIGUSR2 not sent to the 2 other programs: pid 24 (nc), pid ? (access denied)",
+    ]
+    assert pids.spared_lines(entries, with_signal(signal.SIGRTMIN, False)) == []
+    assert pids.spared_lines([server], with_signal(signal.SIGRTMIN, True)) == []
 
 
 def test_a_process_gone_before_the_signal_is_reported_not_a_crash(capsys):
@@ -368,13 +441,14 @@ def test_a_server_gone_before_the_signal_is_exit_1(capsys):
 
 def test_another_users_process_is_reported_as_access_denied(capsys):
     server = Entry("server", 10, 1, None, "127.0.0.1:4000", [], 1.0, proc=Refusing())
-    hidden = Entry("client", None, None, None, "127.0.0.1:5001", [], None, note="access denied")
+    client = Entry("client", 21, 1, "alice", "127.0.0.1:5001", [], 1.0, proc=Refusing())
     opts = pids.Options(4000, False, signal.SIGUSR1, True)
-    assert pids.signal_entries([server, hidden], opts) == pids.EXIT_FAILURE
+    assert pids.signal_entries([server, client], opts) == pids.EXIT_FAILURE
     out = capsys.readouterr().out.splitlines()
     assert out == [
         "not sent SIGUSR1 to server pid 10 (127.0.0.1:4000): access denied, another user's process",
-        "not sent SIGUSR1 to client pid ? (127.0.0.1:5001): access denied, another user's process",
+        "not sent SIGUSR1 to client pid 21 (alice 127.0.0.1:5001): access denied, another user's "
+        "process",
     ]
 
 
@@ -397,7 +471,7 @@ def test_another_users_process_is_reported_as_access_denied(capsys):
     ],
 )
 def test_is_forkchat_server_by_comm_or_title(name, cmdline, server):
-    assert pids.is_forkchat_server(name, cmdline) is server
+    assert pidsfind.is_forkchat_server(name, cmdline) is server
 
 
 @pytest.mark.parametrize(
@@ -407,7 +481,7 @@ def test_is_forkchat_server_by_comm_or_title(name, cmdline, server):
         (["forkchat-room", "7", "alice+bob"], (7, "alice+bob")),  # split on spaces
         (["forkchat-room 12 a.b-c_d+?", ""], (12, "a.b-c_d+?")),  # a name not known
         (["forkchat-room 7 alice+bob "], (7, "alice+bob")),
-        (["/venv/bin/python", "bin/server", "--port", "0"], None),  # today's room
+        (["/venv/bin/python", "bin/server", "--port", "0"], None),  # a room not titled yet
         (["forkchat-room 7", ""], None),  # no names
         (["forkchat-room x alice+bob"], None),
         (["forkchat-server --port 0"], None),
@@ -415,25 +489,36 @@ def test_is_forkchat_server_by_comm_or_title(name, cmdline, server):
     ],
 )
 def test_room_title_parses_number_and_names(cmdline, title):
-    assert pids.room_title(cmdline) == title
+    assert pidsfind.room_title(cmdline) == title
 
 
-def test_a_titled_room_shows_its_number_and_keeps_its_names():
+def test_a_titled_room_shows_its_number():
     server, room = family(4000)
     room.room, room.name = 7, "alice+bob"
-    clients = [Entry("client", 21, 1, "carol", "127.0.0.1:5001", [], 1.0, holder=11)]
-    pids.name_rooms([server, room], clients)  # the title wins over the client's name
     assert pids.table_row(room)[3] == "#7:alice+bob"
     assert (room.to_json()["room"], room.to_json()["name"]) == (7, "alice+bob")
     assert pids.table_row(server)[3] == "-"
 
 
-def test_foreign_listener_alone_fails_with_its_pid_and_name(monkeypatch):
-    monkeypatch.setattr(pids, "read_identity", lambda proc: ("python3", ["python3", "-m", "x"]))
+def test_another_listener_alone_fails_with_its_pid_name_and_address(monkeypatch):
     proc = psutil.Process()
-    with pytest.raises(pids.LookupFailed) as failed:
-        pids.keep_forkchat([proc], 4000)
-    assert str(failed.value) == (
-        f"port 4000 is held by pid {proc.pid} (python3), which is not a forkchat server; "
-        "not listed, not signalled"
+    holder = pidsfind.Holder(proc, proc.ppid(), "python3", False)
+    monkeypatch.setattr(pidsfind, "listen_addresses", lambda proc, port: ["127.0.0.2:4000"])
+    assert pidsfind.stranger_text(4000, holder, alone=True) == (
+        f"port 4000 is held by pid {proc.pid} (python3) on 127.0.0.2:4000, which is not a "
+        "forkchat server; not listed, not signalled"
     )
+    assert pidsfind.stranger_text(4000, holder, alone=False).startswith(
+        f"port 4000 is also held by pid {proc.pid} (python3) on 127.0.0.2:4000, "
+    )
+
+
+def test_addresses_sort_as_numbers_ipv4_first():
+    texts = ["[::1]:80", "127.0.0.10:80", "127.0.0.2:443", "127.0.0.2:80", "[::ffff:1]:1"]
+    assert sorted(texts, key=pidsfind.addr_key) == [
+        "127.0.0.2:80",
+        "127.0.0.2:443",
+        "127.0.0.10:80",
+        "[::1]:80",
+        "[::ffff:1]:1",
+    ]
