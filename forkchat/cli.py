@@ -30,7 +30,9 @@ Options:
 Started by systemd with a listening socket (LISTEN_FDS=1, socket activation), it serves
 that socket and ignores --host and --port.
 
-Signals: SIGUSR2 prints the number of clients; SIGUSR1, SIGTERM and SIGINT shut down.
+Signals: SIGUSR2 prints the number of clients; SIGUSR1, SIGTERM, SIGINT and SIGHUP (the
+terminal closed) shut down; SIGRTMIN upgrades in place: the code now on disk is checked,
+then takes over every connection and room under the same PID (kill -s RTMIN PID).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .log import Log, detach_stdout, want_color
 from .pidfile import remove_pidfile
 from .proctitle import SERVER_NAME, prepare_titles, set_comm
 from .server import Options, Server, StartupError
+from .upgrade import READS, UpgradeError, check_request, take_state
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -85,13 +88,37 @@ def raise_fd_limit() -> tuple[int, int] | None:
     return soft, hard
 
 
+def check_upgrade(argv: list[str] | None, state_format: int) -> int:
+    """Check mode, run by a server about to upgrade to this code: everything imported
+    (this module imports the server's), the options accepted, the state's format read.
+    The last line printed says yes (``forkchat VERSION ...``) or why not."""
+    try:
+        parse_options(argv)
+    except UsageError as exc:
+        print(f"the options are refused: {exc}")
+        return EXIT_USAGE
+    if state_format not in READS:
+        print(f"cannot take over from a server handing over state format {state_format}")
+        return EXIT_FAILURE
+    print(f"forkchat {__version__} ready to take over")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``bin/server``. Returns the exit status."""
+    state_format = check_request()
+    if state_format is not None:
+        return check_upgrade(argv, state_format)
     try:
         opts = parse_options(argv)
     except UsageError as exc:
         print(f"forkchat server: {exc} (see --help)", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        state = take_state()
+    except UpgradeError as exc:
+        print(f"forkchat server: upgrade: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     prepare_titles()  # first: setproctitle's set-up rewrites comm
     set_comm(SERVER_NAME)  # the command line stays as typed: it says how it was started
     detach_stdout()
@@ -99,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(opts, log)
     raised = raise_fd_limit()
     try:
-        server.start()
+        if state is None:
+            server.start()
+        else:
+            server.resume(state)
     except StartupError as exc:
         print(f"forkchat server: {exc}", file=sys.stderr)
         server.close()

@@ -17,8 +17,9 @@ import time
 from typing import Any, Protocol
 
 from . import protocol as p
-from .conn import CLOSING, GONE, LINGER, Conn
+from .conn import CLOSING, GONE, LINGER, Conn, tune_socket
 from .fdmap import FdMap
+from .handback import from_json, restore_conn, snapshot, to_json
 from .log import Log
 
 READ_WRITE = selectors.EVENT_READ | selectors.EVENT_WRITE
@@ -162,3 +163,48 @@ class Clients:
 
     def __len__(self) -> int:
         return len(self.owners)
+
+    # -- across an upgrade in place (upgrade.py) -----------------------------------------
+
+    def export(self, conn: Conn) -> dict[str, Any]:
+        """``conn`` as data for the new code: its socket's fd, everything a hand-back
+        carries, its deadline and whether its FIN is sent."""
+        data = to_json(snapshot(conn, conn.avoid or 0))
+        data.update(fd=conn.fd, deadline=conn.deadline, wr_shut=conn.wr_shut)
+        return data
+
+    def adopt(self, data: dict[str, Any], owner: Owner | None, state: str) -> Conn:
+        """A connection the old code held, from :meth:`export`'s data: watched for
+        ``owner`` in ``state`` (a closing one goes on closing)."""
+        sock = socket.socket(fileno=data["fd"])
+        sock.set_inheritable(False)
+        tune_socket(sock)
+        record = from_json(data)
+        conn = self.new_conn(sock, record.peer, record.id)
+        restore_conn(conn, record)
+        if record.name == "?":
+            conn.name = None  # not named yet
+        conn.avoid = record.avoid or None
+        conn.deadline = data["deadline"]
+        conn.wr_shut = data.get("wr_shut", False)
+        conn.state = state
+        self.add(conn, owner)
+        if state == CLOSING:
+            self.closing[conn.fd] = conn
+        return conn
+
+    def export_closing(self) -> list[dict[str, Any]]:
+        """Every client being closed gracefully, as data, in deadline order."""
+        return [self.export(conn) for conn in self.closing.values()]
+
+    def drop_tls(self, text: str, why: str) -> None:
+        """Before an upgrade: a TLS session lives in this process's memory and cannot
+        cross the exec. Each TLS client the parent holds is told ``BYE shutdown text``
+        (where its handshake is through and the socket takes it now) and closed."""
+        for conn, _ in list(self.owners.values()):
+            if conn.tls:
+                try:
+                    conn.sock.send(bytes(conn.out) + p.bye_line(p.BYE_SHUTDOWN, text))
+                except (OSError, ValueError):
+                    pass
+                self.drop(conn, why)

@@ -232,6 +232,35 @@ class FrontDoor:
             if not self.closed:
                 self.sel.register(self.listener, selectors.EVENT_READ, self.accept_clients)
 
+    # -- across an upgrade in place (upgrade.py) -----------------------------------------
+
+    def export(self) -> dict[str, Any]:
+        """The listener's fd and every handshaking connection as data, in deadline
+        order, with how far its preamble got (none over TLS is left: ``drop_tls``)."""
+        entries = []
+        for conn in self:
+            data = self.clients.export(conn)
+            preamble = self.preambles.get(conn.fd)
+            if preamble is not None:
+                data["preamble"] = "proxy" if preamble.reader is not None else "tls"
+                if preamble.reader is not None:
+                    data["proxy_bytes"] = bytes(preamble.reader.buffer).decode("latin-1")
+            entries.append(data)
+        return {"listener": self.listener.fileno(), "handshaking": entries}
+
+    def adopt(self, entries: list[dict[str, Any]]) -> None:
+        """The old code's handshaking connections, each where it was: its name timeout
+        runs on, its preamble goes on from the bytes already read."""
+        for data in entries:
+            conn = self.clients.adopt(data, self, HANDSHAKE)
+            self.handshaking[conn.fd] = conn
+            kind = data.get("preamble")
+            if kind is not None:
+                preamble = Preamble(conn, kind == "proxy", self.tls)
+                if preamble.reader is not None:
+                    preamble.reader.buffer[:] = data.get("proxy_bytes", "").encode("latin-1")
+                self.preambles[conn.fd] = preamble
+
     # -- the end ------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -182,6 +182,18 @@ class Lobby:
         """``conn`` left the queue (a room, a BYE, a close)."""
         self.queue.remove(conn)
 
+    # -- across an upgrade in place (upgrade.py) -----------------------------------------
+
+    def export(self) -> list[dict]:
+        """Every waiting client as data, in queue order."""
+        return [self.clients.export(conn) for conn in self.queue]
+
+    def adopt(self, entries: list[dict]) -> None:
+        """The old code's waiting clients, in their order, with their last partners,
+        unread lines and unsent output."""
+        for data in entries:
+            self.queue.add(self.clients.adopt(data, self, WAITING))
+
     # -- the end ------------------------------------------------------------------------
 
     def close(self) -> None:

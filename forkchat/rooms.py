@@ -27,6 +27,7 @@ from .clients import Clients
 from .conn import IN_ROOM, Conn
 from .handback import ChannelReader, HandBack, note_line, restore_conn
 from .room import RoomRules, start_room
+from .shared import Counts, locate
 
 # The start method is pinned once, here: the counts live in the fork context's shared
 # memory, which forked workers inherit (Python 3.14 changes the Linux default).
@@ -275,6 +276,58 @@ class Rooms:
     def count(self) -> int:
         """Rooms open, the pairs about to be forked included."""
         return len(self.rooms) + len(self.ready)
+
+    # -- across an upgrade in place (upgrade.py) -----------------------------------------
+
+    def export(self) -> list[dict[str, Any]]:
+        """Every room as data: its worker (PID, pidfd), its channel (fd, and what came
+        of a hand-back not yet whole), where its count lives (``shared.locate``)."""
+        rooms = []
+        for room in self.rooms.values():
+            count = locate(room.clients)
+            rooms.append(
+                {
+                    "number": room.number,
+                    "pid": room.child.pid,
+                    "pidfd": room.child.sentinel,
+                    "channel": room.channel.fileno(),
+                    "channel_bytes": bytes(room.reader.buf).decode("latin-1"),
+                    "channel_fds": list(room.reader.fds),
+                    "received": room.received,
+                    "count": count,
+                    "count_now": room.clients.value,
+                }
+            )
+        return rooms
+
+    def adopt(self, rooms: list[dict[str, Any]], opened: int) -> None:
+        """The old code's rooms: still this process's children, their workers running
+        the old code to the end; their counts read where they live, and the room
+        numbers going on from ``opened``."""
+        self.opened = opened
+        counts = Counts()
+        for data in rooms:
+            child = Child(data["pid"], data["pidfd"])
+            channel = socket.socket(fileno=data["channel"])
+            count = counts.view(data["count"], data["count_now"])
+            room = RoomProc(data["number"], child, count, channel)
+            room.reader.buf[:] = data["channel_bytes"].encode("latin-1")
+            room.reader.fds.extend(data["channel_fds"])
+            room.received = data["received"]
+            for fd in (child.sentinel, channel.fileno()):
+                os.set_inheritable(fd, False)
+                self.fds.own(fd)
+            self.rooms[child.sentinel] = room
+            self.channels[channel.fileno()] = room
+            self.sel.register(child.sentinel, selectors.EVENT_READ, self.on_sentinel)
+            self.sel.register(channel, selectors.EVENT_READ, self.on_channel)
+        counts.close()
+
+    def drain(self) -> None:
+        """Before an upgrade: take back every whole hand-back waiting in a channel."""
+        for room in list(self.rooms.values()):
+            if room.channel.fileno() in self.channels:
+                self.read_channel(room)
 
     # -- shutdown -----------------------------------------------------------------------
 

@@ -18,11 +18,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import __version__
 from . import protocol as p
 from .activation import ActivationError, listen_socket_from_env
 from .children import EXIT_OK, PARENT_SIGNALS
 from .clients import Clients
-from .conn import format_peer
+from .conn import CLOSING, format_peer
 from .fdmap import FdMap
 from .frontdoor import FrontDoor
 from .lobby import Lobby
@@ -31,8 +32,10 @@ from .pidfile import PidfileError, write_pidfile
 from .room import RoomRules
 from .rooms import STOP_GRACE, Rooms
 from .tlsconf import TlsError, server_context
+from .upgrade import FORMAT, Upgrade, block_signals, hand_over
 
 BACKLOG = 4096
+UPGRADE_TLS_TEXT = "the server is being upgraded: reconnect to chat on"
 
 
 class StartupError(Exception):
@@ -120,6 +123,7 @@ class Server:
         self.address = ""
         self.stopping = False
         self.stop_deadline = 0.0
+        self.upgrade = Upgrade(self.sel, log, self.hand_over)
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -127,19 +131,64 @@ class Server:
         """Load TLS, bind, write the pidfile, build the parts, install the signal
         plumbing, then print the listen line: once it is out, everything is ready.
         Raises StartupError."""
+        tls = self.load_tls()
+        self.adopt_listener(open_listener(self.opts))
+        self.write_pidfile()
+        self.build_parts(tls)
+        self.install_signals()
+        self.log.plain(f"forkchat server listening on {self.address} pid {os.getpid()}")
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """The new code of an upgrade in place: take over the listener, the rooms, the
+        waiting, handshaking and closing clients from ``state`` (``upgrade.py``), then
+        install the signal plumbing (the signals that came meanwhile are delivered
+        now) and say so in the log. Raises StartupError."""
+        tls = self.load_tls()
+        listener = socket.socket(fileno=state["door"]["listener"])
+        listener.set_inheritable(False)
+        listener.setblocking(False)
+        self.adopt_listener(listener)
+        self.write_pidfile()
+        self.build_parts(tls)
+        self.clients.last_id = state["last_id"]
+        self.rooms.adopt(state["rooms"], state["opened"])
+        self.door.adopt(state["door"]["handshaking"])
+        self.lobby.adopt(state["lobby"])
+        for data in state["closing"]:
+            self.clients.adopt(data, None, CLOSING)
+        self.install_signals()
+        counts = (len(self.rooms), len(self.lobby), len(self.door))
+        carried = "{} rooms, {} waiting, {} handshaking".format(*counts)
+        self.log.event(
+            "info",
+            f"upgrade: forkchat {__version__} serves now on {self.address}, "
+            f"pid {os.getpid()} (was {state['version']}): {carried} carried",
+        )
+        self.lobby.open_rooms()
+
+    def load_tls(self) -> Any:
+        """The TLS context, if the server speaks TLS. Raises StartupError."""
         opts = self.opts
         try:
-            tls = server_context(opts.tls_cert, opts.tls_key or "") if opts.tls_cert else None
+            return server_context(opts.tls_cert, opts.tls_key or "") if opts.tls_cert else None
         except TlsError as exc:
             raise StartupError(str(exc)) from None
-        self.listener = open_listener(opts)
-        self.fds.own(self.listener.fileno())
-        self.address = format_peer(self.listener.getsockname())
-        if opts.pidfile:
+
+    def adopt_listener(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.fds.own(listener.fileno())
+        self.address = format_peer(listener.getsockname())
+
+    def write_pidfile(self) -> None:
+        if self.opts.pidfile:
             try:
-                write_pidfile(opts.pidfile)
+                write_pidfile(self.opts.pidfile)
             except PidfileError as exc:
                 raise StartupError(str(exc)) from None
+
+    def build_parts(self, tls: Any) -> None:
+        """The rooms, the lobby and the front door, wired to each other."""
+        opts = self.opts
         rules = RoomRules(opts.idle_timeout, opts.requeue, None, tls is not None)
         self.rooms = Rooms(self.sel, self.clients, rules, opts.max_rooms, self.requeue, self.pair)
         self.lobby = Lobby(self.clients, self.rooms, opts.max_waiting, opts.max_line)
@@ -153,8 +202,6 @@ class Server:
             opts.proxy_protocol,
             tls,
         )
-        self.install_signals()
-        self.log.plain(f"forkchat server listening on {self.address} pid {os.getpid()}")
 
     def requeue(self, conn: Any, text: str) -> None:
         """A room handed ``conn`` back: the lobby's (see Rooms.on_back)."""
@@ -177,6 +224,8 @@ class Server:
                 continue
             signal.signal(sig, lambda *_: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self.read_signals)
+        # Blocked across an upgrade's exec: what came meanwhile is delivered now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
 
     def serve_forever(self) -> int:
         """Run the loop until a shutdown completes. Returns the exit status."""
@@ -213,7 +262,11 @@ class Server:
         """Seconds until the earliest deadline (name timeout, linger, pause, shutdown)."""
         if self.rooms.ready:
             return 0.0  # pairs wait for their fork: the next pass forks them
-        deadlines = [self.door.next_deadline(), self.clients.next_deadline()]
+        deadlines = [
+            self.door.next_deadline(),
+            self.clients.next_deadline(),
+            self.upgrade.next_deadline(),
+        ]
         if self.stopping:
             deadlines.append(self.stop_deadline)
         soonest = min((d for d in deadlines if d is not None), default=None)
@@ -224,6 +277,7 @@ class Server:
         now = time.monotonic()
         self.door.expire(now)
         self.clients.expire(now)
+        self.upgrade.expire(now)
         if self.stopping and now >= self.stop_deadline and (self.rooms or self.clients.closing):
             self.rooms.kill_stragglers()
             self.clients.drop_closing()
@@ -265,12 +319,58 @@ class Server:
         """The terminal went away: shut down cleanly rather than die with the rooms."""
         self.begin_shutdown("SIGHUP")
 
+    def handle_rtmin(self) -> None:
+        """SIGRTMIN: upgrade in place to the code now on disk (``upgrade.py``)."""
+        if self.stopping:
+            self.log.event("info", "SIGRTMIN during shutdown: no upgrade")
+            return
+        self.upgrade.begin("SIGRTMIN")
+
+    def hand_over(self, version: str) -> None:
+        """The new code (``version``) passed its check: settle what is in flight (the
+        pairs given a room, the hand-backs in the channels), say BYE to the TLS clients
+        not in a room, and re-execute with the parts' state. Returns only if the exec
+        failed: the server then goes on with this code."""
+        block_signals()
+        self.rooms.drain()
+        while self.rooms.ready:
+            self.rooms.fork_ready()
+        if self.door.tls is not None:
+            why = "server upgrade: a TLS session cannot be carried"
+            self.clients.drop_tls(UPGRADE_TLS_TEXT, why)
+        state, fds = self.export_state()
+        error = hand_over(state, fds)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
+        self.log.error(
+            f"upgrade failed: cannot execute forkchat {version}: {error.strerror or error}; "
+            f"forkchat {__version__} serves on"
+        )
+
+    def export_state(self) -> tuple[dict[str, Any], list[int]]:
+        """Everything the new code takes over, as data, and the fds it needs open."""
+        state = {
+            "format": FORMAT,
+            "version": __version__,
+            "last_id": self.clients.last_id,
+            "opened": self.rooms.opened,
+            "door": self.door.export(),
+            "lobby": self.lobby.export(),
+            "closing": self.clients.export_closing(),
+            "rooms": self.rooms.export(),
+        }
+        fds = [self.listener.fileno(), *(conn.fd for conn, _ in self.clients.owners.values())]
+        for room in state["rooms"]:
+            fds += [room["pidfd"], room["channel"], *filter(None, room["channel_fds"])]
+            fds += [room["count"][0]] if room["count"] else []
+        return state, sorted(set(fds))
+
     def begin_shutdown(self, why: str) -> None:
         """Stop accepting, say BYE to every client the parent holds, stop every room."""
         if self.stopping:
             self.log.event("info", f"{why} during shutdown: already stopping")
             return
         self.stopping = True
+        self.upgrade.cancel()
         self.stop_deadline = time.monotonic() + STOP_GRACE
         self.log.event("close", f"{why}: shutting down")
         self.rooms.stop_all(why)
