@@ -17,7 +17,10 @@ Modules, one per role:
 - ``fdmap``      a process's fds, for a new room worker to close by number
 - ``activation`` systemd socket activation; ``pidfile`` the pidfile
 - ``log``        timestamped event lines on stdout; ``proctitle`` process names
-- ``client``     the interactive and scripted client; ``lineedit``, ``chatview`` its screen
+- ``client``     the client's command line and ``main``; ``session`` its side of the protocol,
+                 ``link`` its connection, ``piped`` and ``terminal`` (prompt_toolkit) its
+                 fronts, ``commands`` and ``chatview`` what a person types and sees
+- ``launch``     how bin/ starts: under .venv, one line if the requirements are missing
 - ``pids``       the psutil-based PID helper
 - ``bench``      the benchmark (a package)
 """

@@ -9,6 +9,7 @@ Every process is reaped by PID at teardown; every wait has a deadline.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -24,6 +25,9 @@ from support import BIN, DEADLINE, OutputTail, Peer, child_env, reap_tree, run_b
 CLIENT = str(BIN / "client")
 PTY_TIMEOUT = 5.0
 BYE_RE = r"\[BYE\] .*\((?P<reason>[a-z-]+)\)"
+# The terminal of the interactive tests: an xterm that does not answer cursor position
+# requests (pexpect is no terminal emulator), so prompt_toolkit does not ask.
+TTY_ENV = {"TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
 
 # Runs the client on the pty and reports what a test cannot see from outside.
 TTY_WRAPPER = """
@@ -90,7 +94,7 @@ def tty_client():
         child = pexpect.spawn(
             sys.executable,
             ["-c", TTY_WRAPPER, sys.executable, CLIENT, *args, "--port", str(port)],
-            env=child_env(),
+            env=child_env(**TTY_ENV),
             encoding="utf-8",
             codec_errors="replace",
             timeout=PTY_TIMEOUT,
@@ -158,13 +162,13 @@ def paired_client(server, clients, name: str = "bob") -> tuple[Peer, ClientProc]
 def test_two_piped_clients_chat(server, clients):
     a = clients(server.port, "alice")
     a.type("hello\n")
-    a.end_input()
     a.out.wait_for(r"^\[WAIT\] ")
     b = clients(server.port, "bob")
     b.type("hi there\n")
-    b.end_input()
-    assert a.wait() == 0
+    b.end_input()  # bob leaves at once after his line
     assert b.wait() == 0
+    a.end_input()
+    assert a.wait() == 0
     assert_transcript(
         a.out.lines,
         [
@@ -175,8 +179,7 @@ def test_two_piped_clients_chat(server, clients):
             r"\[READ\] waiting for bob",
             r"bob: hi there",
             r"\[WRITE\] your turn to write",
-            r"leaving: end of input",
-            r"\[BYE\] .*\(exit\)",
+            r"\[BYE\] .*\(partner-exit\)",
         ],
     )
     assert_transcript(
@@ -187,8 +190,8 @@ def test_two_piped_clients_chat(server, clients):
             r"\[READ\] waiting for alice",
             r"alice: hello",
             r"\[WRITE\] your turn to write",
-            r"\[READ\] waiting for alice",
-            r"\[BYE\] .*\(partner-exit\)",
+            r"leaving: end of input",
+            r"\[BYE\] .*\(exit\)",
         ],
     )
     assert a.err.lines == [] and b.err.lines == []
@@ -202,14 +205,12 @@ def test_raw_peer_and_client_chat_both_ways(server, clients):
     client.out.wait_for(r"^\[WRITE\] your turn to write$")
     assert client.out.lines[-2] == "alice: " + to_client
     to_peer = "r\u00e9ply \u2713 42  "
-    client.type(to_peer + "\r\n\n   \nexit\nnever sent\n")
+    client.type(to_peer + "\r\n\n   \nexit\nnever sent\n")  # exit goes right after the line
     assert peer.raw_line() == b"MSG " + to_peer.encode()
-    peer.expect("TURN WRITE")
-    peer.send("second")
-    peer.expect("TURN READ", "BYE partner-exit")
+    peer.expect("TURN WRITE", "BYE partner-exit")
     peer.expect_closed()
     assert client.wait() == 0
-    assert client.out.lines[-3:-1] == ["alice: second", "[WRITE] your turn to write"]
+    assert client.out.lines[-2] == "[WRITE] your turn to write"
     assert re.fullmatch(r"\[BYE\] .*\(exit\)", client.out.lines[-1])
     peer.close()
 
@@ -315,15 +316,18 @@ def accept_named(listener: socket.socket) -> socket.socket:
 
 
 def run_against(listener, lines: bytes) -> subprocess.CompletedProcess:
-    """Start a piped client, feed it ``lines`` from the fake server, collect its output."""
+    """Start a piped client, feed it ``lines`` from the fake server, collect its output.
+    Its standard input stays open (and empty) throughout: it never leaves by itself."""
+    stdin_read, stdin_write = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, CLIENT, "bob", "--port", str(listener.getsockname()[1])],
-        stdin=subprocess.PIPE,
+        stdin=stdin_read,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=child_env(),
         start_new_session=True,
     )
+    os.close(stdin_read)
     try:
         conn = accept_named(listener)
         with conn:
@@ -332,6 +336,7 @@ def run_against(listener, lines: bytes) -> subprocess.CompletedProcess:
             out, err = proc.communicate(timeout=DEADLINE)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     finally:
+        os.close(stdin_write)
         reap_tree(proc)
 
 
@@ -502,22 +507,23 @@ def test_interactive_prompt_notice_redraw_and_ctrl_c(server, tty_client):
     peer.expect("PAIRED bob", "TURN WRITE")
     child.expect_exact("[PAIRED] you are chatting with alice")
     child.expect_exact("[READ] waiting for alice")
-    child.send("draft")  # typed while alice writes: drawn, no prompt
+    child.expect_exact("(alice writes)")  # the prompt says whose turn it is
+    child.send("draft")  # typed while alice writes
     child.expect_exact("draft")
-    assert "bob>" not in child.before
     peer.send("hello bob")
     peer.expect("TURN READ")
-    # The notice comes at once, then the partial line is drawn again after it,
-    # now behind the prompt because the turn came.
+    # The message comes at once, above the line being typed, which is kept as it was,
+    # now behind the prompt of our turn.
     child.expect_exact("alice: hello bob\r\n")
     child.expect_exact("[WRITE] your turn to write\r\n")
-    child.expect_exact("bob> draft")
+    child.expect_exact("bob>")
     child.send(" more\x7fE\r")
     assert peer.line() == "MSG draft morE"
+    child.expect_exact("bob> draft morE\r\n")  # the transcript's line for it
     peer.expect("TURN WRITE")
     child.expect_exact("[READ] waiting for alice")
-    child.sendintr()
-    child.expect_exact("leaving: received SIGINT")
+    child.send("\x03")  # Ctrl-C
+    child.expect_exact("leaving: Ctrl-C")
     child.expect(BYE_RE)
     assert child.match.group("reason") == "exit"
     peer.expect("BYE partner-exit")
@@ -532,7 +538,7 @@ def test_interactive_line_typed_off_turn_is_held(server, tty_client):
     peer.expect("PAIRED bob", "TURN WRITE")
     child.expect_exact("[READ] waiting for alice")
     child.send("early\r")
-    child.expect_exact("[HELD]")
+    child.expect_exact("[HELD] early (goes out when your turn comes)")
     peer.send("first")
     peer.expect("TURN READ")
     assert peer.line() == "MSG early"  # sent by itself when the turn came
@@ -540,7 +546,7 @@ def test_interactive_line_typed_off_turn_is_held(server, tty_client):
     child.expect_exact("bob> early")
     child.expect_exact("[READ] waiting for alice")
     child.send("\x04")  # Ctrl-D on an empty line
-    child.expect_exact("leaving: end of input")
+    child.expect_exact("leaving: end of input (Ctrl-D)")
     peer.expect("BYE partner-exit")
     assert finish_tty(child) == 0
     peer.close()
@@ -563,11 +569,11 @@ def test_interactive_partner_leaves_while_typing(server, tty_client):
 def test_interactive_exit_typed_on_turn(server, tty_client):
     child = tty_client(server.port, "bob")
     child.expect_exact("[WAIT]")
-    assert "bob>" not in child.before
+    child.expect_exact("(no partner yet)")
     peer = Peer(server.address, "carol")
     peer.expect("PAIRED bob", "TURN READ")
     child.expect_exact("[WRITE] your turn to write")
-    child.expect_exact("bob> ")
+    child.expect_exact("bob>")
     child.send("  exit \r")
     child.expect(BYE_RE)
     assert child.match.group("reason") == "exit"
