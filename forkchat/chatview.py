@@ -235,10 +235,7 @@ def status_text(state: ChatState) -> str:
 
 # ---------------------------------------------------------------- the interactive client
 
-HINT_TEXT = (
-    "Type a line and Enter to send it on your turn. "
-    "/next for a new partner, /quit to leave, /help for more."
-)
+HINT_TEXT = "Commands: /next for a new partner, /quit to leave, /help for more."
 HELP_LINES = (
     "[HELP] /next          leave your partner for a new one (the line next does the same)",
     "[HELP] /quit, /exit   leave the chat (so do the line exit, Ctrl-D and Ctrl-C)",

@@ -1,9 +1,10 @@
 """The client's front for scripts: lines from a pipe or a file, the transcript on stdout.
 
-Nothing is prompted and no terminal is touched. Standard input is read a chunk ahead
-while no line is held, so a ``next`` or an ``exit`` in the input goes out as soon as
-the lines before it have gone, turn or not; its end makes the session leave once the
-held lines are out. Each transcript line is written and flushed at once.
+Nothing is prompted and no terminal is touched. Standard input is read ahead, up to
+READ_AHEAD lines held: a ``next`` or an ``exit`` in the input goes out as soon as the
+lines before it have gone, turn or not, and the end of the input is seen as soon as
+it comes, so the session leaves as soon as the last lines are out. Each transcript
+line is written and flushed at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import TextIO
 from forkchat.chatview import split_input
 from forkchat.link import READ_SIZE
 from forkchat.session import ChatSession
+
+READ_AHEAD = 100  # lines held at most before standard input is left unread a while
 
 
 def silence(stream: TextIO) -> None:
@@ -71,12 +74,12 @@ class PipedFront:
         write_line(sys.stderr, f"forkchat client: {line}")
 
     def refresh(self) -> None:
-        """Read ahead only while no line is held and the session still takes lines."""
+        """Read ahead while few lines are held and the session still takes lines."""
         session = self.session
         if session is None:
             return
-        idle = not (session.held or session.input_ended or session.state.leaving)
-        self.watch_stdin(idle and not session.finished)
+        done = session.input_ended or session.state.leaving or session.finished
+        self.watch_stdin(not done and len(session.held) < READ_AHEAD)
 
     def watch_stdin(self, want: bool) -> None:
         if want == self.reading:

@@ -3,12 +3,13 @@
 The line editor is prompt_toolkit's (Emacs keys: cursor and word moves, Home/End,
 word deletes, Up/Down through the lines typed, wide characters, resize, Ctrl-Z). The
 prompt says whose turn it is, and a bottom toolbar always shows where the session
-stands. Transcript lines are printed above the prompt (``run_in_terminal``), so the
-half-typed line stays as it was. A typed line is read as a command or a message
+stands. Transcript lines are printed above the prompt, which is then drawn again with
+the half-typed line as it was. A typed line is read as a command or a message
 (``commands.py``); the prompt erases it once accepted, and the session prints each
 line in the transcript when it goes out.
 
-Ctrl-C and Ctrl-D (on an empty line) are keys here, not signals: both leave.
+At the prompt Ctrl-C and Ctrl-D (on an empty line) are keys, not signals: both leave,
+Ctrl-C as SIGINT does.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import sys
 from typing import TextIO
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.styles import Style
 
@@ -70,8 +70,8 @@ class TerminalFront:
                 text = await self.prompt.prompt_async(
                     handle_sigint=False, set_exception_handler=False
                 )
-            except KeyboardInterrupt:
-                session.leave("Ctrl-C")
+            except KeyboardInterrupt:  # Ctrl-C at the prompt; between prompts it is SIGINT
+                session.leave("received SIGINT")
             except EOFError:
                 session.leave("end of input (Ctrl-D)")
             else:
@@ -118,11 +118,20 @@ class TerminalFront:
     # -- drawing
 
     def print_above(self, line: str, stream: TextIO) -> None:
-        """Print a line above the prompt (at once when no prompt is running)."""
-        if self.prompt.app.is_running:
-            run_in_terminal(lambda: write_line(stream, line))
-        else:
+        """Print a line above the prompt and draw the prompt again below it.
+
+        The terminal stays in raw mode throughout. prompt_toolkit's ``run_in_terminal``
+        would switch it to cooked mode for the print, and keys typed meanwhile would be
+        edited by the terminal (a Backspace eating half an arrow key), not the prompt.
+        """
+        app = self.prompt.app
+        if not app.is_running:
             write_line(stream, line)
+            return
+        app.renderer.erase()  # the prompt and the status bar; the cursor where they began
+        write_line(stream, line)
+        app.renderer.request_absolute_cursor_position()  # the status bar needs the row
+        app.invalidate()
 
     def prompt_text(self) -> str:
         return input_prompt(self.name, self.session.state)

@@ -1,8 +1,7 @@
 """Integration tests of bin/client: real processes, real sockets, a real pseudo-terminal.
 
 Piped clients are started with start_new_session=True and the env of
-support.child_env(); interactive ones run under pexpect inside a tiny wrapper that
-prints the terminal settings before and after the client, and its exit status.
+support.child_env(); interactive ones run on a pseudo-terminal (client_tty.py).
 Every process is reaped by PID at teardown; every wait has a deadline.
 """
 
@@ -16,30 +15,15 @@ import socket
 import subprocess
 import sys
 
-import pexpect
 import psutil
 import pytest
+from client_tty import finish_tty, tty_client
 
 from support import BIN, DEADLINE, OutputTail, Peer, child_env, reap_tree, run_bin, wait_until
 
+__all__ = ["finish_tty", "tty_client"]  # the terminal driver, used here and by the others
 CLIENT = str(BIN / "client")
-PTY_TIMEOUT = 5.0
 BYE_RE = r"\[BYE\] .*\((?P<reason>[a-z-]+)\)"
-# The terminal of the interactive tests: an xterm that does not answer cursor position
-# requests (pexpect is no terminal emulator), so prompt_toolkit does not ask.
-TTY_ENV = {"TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
-
-# Runs the client on the pty and reports what a test cannot see from outside.
-TTY_WRAPPER = """
-import signal, subprocess, sys, termios
-print("TTY-BEFORE", termios.tcgetattr(0), flush=True)
-child = subprocess.Popen(sys.argv[1:])
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-status = child.wait()
-print("TTY-AFTER", termios.tcgetattr(0), flush=True)
-print("EXIT-STATUS", status, flush=True)
-"""
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -83,53 +67,6 @@ class ClientProc:
 def clients(piped):
     """conftest's factory of piped clients, under this file's name."""
     return piped
-
-
-@pytest.fixture
-def tty_client():
-    """Factory of interactive clients on a pseudo-terminal (pexpect), reaped at teardown."""
-    spawned: list[pexpect.spawn] = []
-
-    def spawn(port: int, *args: str) -> pexpect.spawn:
-        child = pexpect.spawn(
-            sys.executable,
-            ["-c", TTY_WRAPPER, sys.executable, CLIENT, *args, "--port", str(port)],
-            env=child_env(**TTY_ENV),
-            encoding="utf-8",
-            codec_errors="replace",
-            timeout=PTY_TIMEOUT,
-            dimensions=(24, 80),
-        )
-        spawned.append(child)
-        child.expect(r"TTY-BEFORE (\[.*\])\r\n")
-        child.tty_before = child.match.group(1)
-        return child
-
-    yield spawn
-    for child in spawned:
-        reap_spawned(child)
-
-
-def reap_spawned(child: pexpect.spawn) -> None:
-    """Kill what is left under a pexpect child (by PID), then let pexpect close and reap it."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        left = psutil.Process(child.pid).children(recursive=True)
-        for proc in left:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(left, timeout=DEADLINE)
-    child.close(force=True)
-
-
-def finish_tty(child: pexpect.spawn) -> int:
-    """Wait for the wrapper's report: check the terminal was restored, return the status."""
-    child.expect(r"TTY-AFTER (\[.*\])\r\n")
-    assert child.match.group(1) == child.tty_before, "terminal settings not restored"
-    child.expect(r"EXIT-STATUS (-?\d+)\r\n")
-    status = int(child.match.group(1))
-    child.expect(pexpect.EOF)
-    child.close()
-    return status
 
 
 def assert_transcript(lines: list[str], patterns: list[str]) -> None:
@@ -222,9 +159,8 @@ def test_piped_line_typed_ahead_waits_for_the_turn(server, clients):
     peer.expect("TURN READ")
     assert peer.line() == "MSG queued"
     peer.expect("TURN WRITE")
-    client.end_input()
-    peer.send("again")
-    peer.expect("TURN READ", "BYE partner-exit")
+    client.end_input()  # its line went out: it leaves at once
+    peer.expect("BYE partner-exit")
     assert client.wait() == 0
     peer.close()
 
@@ -240,8 +176,7 @@ def test_refused_line_keeps_the_turn(server, clients):
     client.out.wait_for(r"^\[ERR\] bad-encoding: ")
     peer.expect("TURN WRITE")
     client.end_input()
-    peer.send("bye")
-    peer.expect("TURN READ", "BYE partner-exit")
+    peer.expect("BYE partner-exit")
     assert client.wait() == 0
     peer.close()
 
@@ -522,8 +457,8 @@ def test_interactive_prompt_notice_redraw_and_ctrl_c(server, tty_client):
     child.expect_exact("bob> draft morE\r\n")  # the transcript's line for it
     peer.expect("TURN WRITE")
     child.expect_exact("[READ] waiting for alice")
-    child.send("\x03")  # Ctrl-C
-    child.expect_exact("leaving: Ctrl-C")
+    child.send("\x03")  # Ctrl-C: a key at the prompt, SIGINT while a line is printed
+    child.expect_exact("leaving: received SIGINT")
     child.expect(BYE_RE)
     assert child.match.group("reason") == "exit"
     peer.expect("BYE partner-exit")
