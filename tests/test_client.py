@@ -181,7 +181,7 @@ def test_refused_line_keeps_the_turn(server, clients):
     peer.close()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP])
 def test_signal_makes_client_leave(server, clients, sig):
     peer, client = paired_client(server, clients)
     client.signal(sig)

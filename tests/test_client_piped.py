@@ -15,10 +15,20 @@ import sys
 import time
 
 import pytest
-from test_client import ClientProc, accept_named, run_against, waiting_peer
+from test_client import CLIENT, ClientProc, accept_named, run_against, waiting_peer
 from test_client_next import Scripted
 
-from support import DEADLINE, ROOT, Peer, ServerProc, child_env, close_all, pair, run_bin
+from support import (
+    DEADLINE,
+    ROOT,
+    Peer,
+    ServerProc,
+    child_env,
+    close_all,
+    pair,
+    reap_tree,
+    run_bin,
+)
 
 HINT = "forkchat client: no greeting from the server: is it serving TLS? try --tls or --cafile FILE"
 
@@ -111,6 +121,36 @@ def test_an_unknown_turn_is_shown_without_its_escape_sequences(fake_server):
     result = run_against(fake_server, turn + b"BYE timeout idle\n")
     assert b"\x1b" not in result.stdout and b"\xc2\x9b" not in result.stdout
     assert result.stdout.decode().splitlines()[1:] == ["[?] TURN WRITE", "[BYE] idle (timeout)"]
+
+
+def test_piped_mode_never_imports_prompt_toolkit(fake_server):
+    """A script's client starts without the terminal front's library (its start is
+    cheaper); -X importtime names every module imported, on stderr."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            CLIENT,
+            "bob",
+            "--port",
+            str(fake_server.getsockname()[1]),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+        start_new_session=True,
+    )
+    try:
+        with accept_named(fake_server) as conn:
+            conn.sendall(b"BYE shutdown SERVER WILL CLOSE NOW\n")
+            out, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        reap_tree(proc)
+    assert proc.returncode == 0 and b"(shutdown)" in out
+    assert b" forkchat.session\n" in err  # the import list is there
+    assert b"prompt_toolkit" not in err
 
 
 # ---------------------------------------------------------------- no greeting: TLS?
