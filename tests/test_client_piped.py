@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -187,20 +186,6 @@ def test_a_close_before_any_greeting_gives_the_hint_at_once(fake_server):
     finally:
         client.proc.kill()
         client.proc.wait(DEADLINE)
-
-
-def test_a_plain_client_at_a_real_tls_server_gets_the_hint(tls_pair):
-    srv = ServerProc("--no-color", "--tls-cert", tls_pair[0], "--tls-key", tls_pair[1])
-    client = ClientProc(srv.port, "bob")
-    try:
-        client.err.wait_for(re.escape(HINT), timeout=5)
-        client.signal(signal.SIGTERM)  # unless the server dropped it already
-        assert client.wait() in (0, 1)
-        assert client.err.lines == [HINT]
-    finally:
-        client.proc.kill()
-        client.proc.wait(DEADLINE)
-        srv.stop()
 
 
 # ---------------------------------------------------------------- command line
