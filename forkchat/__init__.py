@@ -16,8 +16,13 @@ Modules, one per role:
 - ``fdmap``      the parent's fds, for a new room worker to close by number
 - ``activation`` systemd socket activation; ``pidfile`` the pidfile
 - ``log``        timestamped event lines on stdout; ``proctitle`` process names
-- ``client``     the interactive and scripted client; ``chatview`` its pure part
-- ``pids``       the psutil-based PID helper
+- ``client``     the client's command line and ``main``; ``session`` its side of the protocol,
+                 ``link`` its connection, ``piped`` and ``terminal`` (prompt_toolkit) its
+                 fronts, ``commands`` and ``chatview`` what a person types and sees
+- ``launch``     how bin/ starts: under .venv, one line if the requirements are missing
+- ``upgrade``    upgrade in place: the check of the new code, the hand-over, the exec;
+                 ``shared`` where a room's count lives, to be read again after it
+- ``pids``       the psutil-based PID helper; ``pidsfind`` finding the processes
 - ``bench``      the benchmark (a package)
 """
 

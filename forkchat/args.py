@@ -28,13 +28,19 @@ def parse_usage(doc: str, argv: list[str] | None, version: str) -> dict[str, Any
         raise SystemExit(0) from None
 
 
+# One leftover in docopt's "found unmatched" list: Option(short, long, ...) or
+# Argument(name, value), each field quoted or None.
+_UNMATCHED_RE = re.compile(r"(?:Option|Argument)\((?:'([^']*)'|None), (?:'([^']*)'|None)")
+
+
 def explain_usage(message: str) -> str:
-    """docopt's complaint in one line; its "found unmatched [Option(None, '--all', ...)]"
-    becomes "unexpected argument --all"."""
+    """docopt's complaint in one line, never its usage block: its "Warning: found
+    unmatched (duplicate?) arguments [Option(None, '--all', ...)]" becomes "unexpected
+    argument --all" (``-x`` for a short option, the word itself for an argument)."""
     first = message.strip().splitlines()[0] if message.strip() else "bad command line"
     if not first.startswith("Warning: found unmatched"):
         return first
-    words = re.findall(r"(?:Option|Argument)\([^,]+, '([^']*)'", first)
+    words = [long or short for short, long in _UNMATCHED_RE.findall(first)]
     return f"unexpected argument {' '.join(words)}" if words else "arguments do not fit the usage"
 
 

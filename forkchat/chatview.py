@@ -1,12 +1,13 @@
-"""What the bin/client shows, kept pure: the chat's state as the server's lines move it,
+"""What bin/client shows, kept pure: the chat's state as the server's lines move it,
 and every text the client prints, network text made safe for a terminal.
 
-``client.py`` does the I/O (sockets, terminal, signals) and calls these; they are
-unit-tested on their own (tests/test_client_unit.py, tests/test_client_state.py).
+The session (``session.py``) and its fronts (``piped.py``, ``terminal.py``) do the I/O
+and call these; they are unit-tested on their own.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from forkchat import protocol
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+DEFAULT_PORT = 33016
 OK_REASONS = frozenset(
     {
         protocol.BYE_EXIT,
@@ -70,16 +72,31 @@ def format_address(host: str, port: int) -> str:
 
 
 def connect_error_text(host: str, port: int, exc: OSError) -> str:
-    """The one line printed when the server cannot be reached."""
-    reason = exc.strerror or str(exc) or type(exc).__name__
+    """The one line printed when the server cannot be reached; the ``make run`` it
+    suggests serves the port that was tried."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc) or "timed out"
+    make_run = "make run" if port == DEFAULT_PORT else f"make run PORT={port}"
     return (
         f"cannot connect to {format_address(host, port)} ({reason}); "
-        "is the server running? Start one with 'make run'."
+        f"is the server running? Start one with '{make_run}'."
     )
 
 
+def no_greeting_text() -> str:
+    """The hint printed when a plain connection gets no greeting: a TLS server waits for
+    a TLS handshake, and drops a client that sends plain text."""
+    return "no greeting from the server: is it serving TLS? try --tls or --cafile FILE"
+
+
+def tls_text(version: str, host: str, cafile: str | None) -> str:
+    """The line printed once a TLS session is up: the protocol version, the name the
+    certificate was verified for and what it was checked against."""
+    against = cafile if cafile else "the system's CAs"
+    return f"[TLS] {version}, certificate verified for {host} against {against}"
+
+
 def prompt_for(name: str) -> str:
-    """The prompt shown on your turn."""
+    """The prompt of your turn, and the start of each line you sent in the transcript."""
     return f"{name}> "
 
 
@@ -117,11 +134,6 @@ def split_input(buffer: bytes, eof: bool) -> tuple[list[bytes], bytes]:
         rest = b""
     lines = [line.removesuffix(b"\r") for line in complete]
     return [line for line in lines if not protocol.is_blank(line)], rest
-
-
-def is_next(line: bytes) -> bool:
-    """True for a line that is just ``next``, surrounding spaces ignored (protocol 1.1)."""
-    return line.strip(b" \t") == b"next"
 
 
 def verify_error_text(host: str, port: int, reason: str, cafile: str | None = None) -> str:
@@ -166,9 +178,12 @@ class ChatState:
     sent: bool = False  # a message went out this turn; TURN READ comes next
     leaving: bool = False
 
-    def take_wait(self) -> None:
-        """WAIT: no partner now, no turn."""
+    def take_wait(self) -> bool:
+        """WAIT: no partner now, no turn. True when it ends a room: whatever its text
+        says, a WAIT that comes while paired means the partner is gone."""
+        gone = self.phase == PAIRED
         self.phase, self.my_turn, self.sent = WAITING, False, False
+        return gone
 
     def take_paired(self, partner: str) -> None:
         """PAIRED: a new room; TURN says who writes first."""
@@ -216,3 +231,56 @@ def status_text(state: ChatState) -> str:
     if state.my_turn:
         return f"chatting with {state.partner}, your message is on its way"
     return f"chatting with {state.partner}, {state.partner} is writing"
+
+
+# ---------------------------------------------------------------- the interactive client
+
+HINT_TEXT = "Commands: /next for a new partner, /quit to leave, /help for more."
+HELP_LINES = (
+    "[HELP] /next          leave your partner for a new one (the line next does the same)",
+    "[HELP] /quit, /exit   leave the chat (so do the line exit, Ctrl-D and Ctrl-C)",
+    "[HELP] /help          this list",
+    "[HELP] //text         send /text (a line that starts with / is a command)",
+    "[HELP] A line typed off your turn is held and goes out when your turn comes;",
+    "[HELP] held lines are dropped when your partner goes.",
+    "[HELP] Keys: Left/Right, Home/End, Alt-B/Alt-F (word), Ctrl-W/Alt-D (delete a word),",
+    "[HELP] Ctrl-U (delete to start), Up/Down (lines you typed), Ctrl-Z (suspend).",
+)
+
+
+def unknown_command_text(word: str) -> str:
+    """The local answer to a ``/word`` that is no command (nothing is sent)."""
+    return f"[?] unknown command {word}: /help lists the commands; //text sends /text"
+
+
+def held_text(line: str) -> str:
+    """The transcript line for a line typed off turn."""
+    return f"[HELD] {line} (goes out when your turn comes)"
+
+
+def dropped_text(count: int, partner: str | None) -> str:
+    """The transcript line for held lines dropped because their partner is gone."""
+    lines = "line" if count == 1 else "lines"
+    why = f": {partner} is gone" if partner else ""
+    return f"[HELD] {count} unsent {lines} dropped{why}"
+
+
+def input_prompt(name: str, state: ChatState) -> str:
+    """The interactive prompt: ``NAME> `` on your turn; otherwise whose turn it is, and
+    what you type is held."""
+    if state.can_write():
+        return prompt_for(name)
+    if state.leaving:
+        return "(leaving) "
+    if state.phase == PAIRED:
+        return f"({state.partner} writes) "
+    return "(no partner yet) "
+
+
+def toolbar_text(name: str, where: str, state: ChatState, held: int, wait_text: str) -> str:
+    """The status bar: who and where you are, the chat's state, held lines, /help."""
+    status = status_text(state)
+    if state.phase == WAITING and wait_text and not state.leaving:
+        status = f"waiting: {wait_text}"
+    held_note = f" | {held} held" if held else ""
+    return f" {name} @ {where} | {status}{held_note} | /help "

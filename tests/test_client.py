@@ -1,41 +1,29 @@
 """Integration tests of bin/client: real processes, real sockets, a real pseudo-terminal.
 
 Piped clients are started with start_new_session=True and the env of
-support.child_env(); interactive ones run under pexpect inside a tiny wrapper that
-prints the terminal settings before and after the client, and its exit status.
+support.child_env(); interactive ones run on a pseudo-terminal (client_tty.py).
 Every process is reaped by PID at teardown; every wait has a deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
 
-import pexpect
 import psutil
 import pytest
+from client_tty import finish_tty, tty_client
 
 from support import BIN, DEADLINE, OutputTail, Peer, child_env, reap_tree, run_bin, wait_until
 
+__all__ = ["finish_tty", "tty_client"]  # the terminal driver, used here and by the others
 CLIENT = str(BIN / "client")
-PTY_TIMEOUT = 5.0
 BYE_RE = r"\[BYE\] .*\((?P<reason>[a-z-]+)\)"
-
-# Runs the client on the pty and reports what a test cannot see from outside.
-TTY_WRAPPER = """
-import signal, subprocess, sys, termios
-print("TTY-BEFORE", termios.tcgetattr(0), flush=True)
-child = subprocess.Popen(sys.argv[1:])
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-status = child.wait()
-print("TTY-AFTER", termios.tcgetattr(0), flush=True)
-print("EXIT-STATUS", status, flush=True)
-"""
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -81,53 +69,6 @@ def clients(piped):
     return piped
 
 
-@pytest.fixture
-def tty_client():
-    """Factory of interactive clients on a pseudo-terminal (pexpect), reaped at teardown."""
-    spawned: list[pexpect.spawn] = []
-
-    def spawn(port: int, *args: str) -> pexpect.spawn:
-        child = pexpect.spawn(
-            sys.executable,
-            ["-c", TTY_WRAPPER, sys.executable, CLIENT, *args, "--port", str(port)],
-            env=child_env(),
-            encoding="utf-8",
-            codec_errors="replace",
-            timeout=PTY_TIMEOUT,
-            dimensions=(24, 80),
-        )
-        spawned.append(child)
-        child.expect(r"TTY-BEFORE (\[.*\])\r\n")
-        child.tty_before = child.match.group(1)
-        return child
-
-    yield spawn
-    for child in spawned:
-        reap_spawned(child)
-
-
-def reap_spawned(child: pexpect.spawn) -> None:
-    """Kill what is left under a pexpect child (by PID), then let pexpect close and reap it."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        left = psutil.Process(child.pid).children(recursive=True)
-        for proc in left:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(left, timeout=DEADLINE)
-    child.close(force=True)
-
-
-def finish_tty(child: pexpect.spawn) -> int:
-    """Wait for the wrapper's report: check the terminal was restored, return the status."""
-    child.expect(r"TTY-AFTER (\[.*\])\r\n")
-    assert child.match.group(1) == child.tty_before, "terminal settings not restored"
-    child.expect(r"EXIT-STATUS (-?\d+)\r\n")
-    status = int(child.match.group(1))
-    child.expect(pexpect.EOF)
-    child.close()
-    return status
-
-
 def assert_transcript(lines: list[str], patterns: list[str]) -> None:
     """Each line fully matches its pattern, and there are exactly as many lines."""
     shown = "\n".join(lines)
@@ -158,13 +99,13 @@ def paired_client(server, clients, name: str = "bob") -> tuple[Peer, ClientProc]
 def test_two_piped_clients_chat(server, clients):
     a = clients(server.port, "alice")
     a.type("hello\n")
-    a.end_input()
     a.out.wait_for(r"^\[WAIT\] ")
     b = clients(server.port, "bob")
     b.type("hi there\n")
-    b.end_input()
-    assert a.wait() == 0
+    b.end_input()  # bob leaves at once after his line
     assert b.wait() == 0
+    a.end_input()
+    assert a.wait() == 0
     assert_transcript(
         a.out.lines,
         [
@@ -175,8 +116,7 @@ def test_two_piped_clients_chat(server, clients):
             r"\[READ\] waiting for bob",
             r"bob: hi there",
             r"\[WRITE\] your turn to write",
-            r"leaving: end of input",
-            r"\[BYE\] .*\(exit\)",
+            r"\[BYE\] .*\(partner-exit\)",
         ],
     )
     assert_transcript(
@@ -187,8 +127,8 @@ def test_two_piped_clients_chat(server, clients):
             r"\[READ\] waiting for alice",
             r"alice: hello",
             r"\[WRITE\] your turn to write",
-            r"\[READ\] waiting for alice",
-            r"\[BYE\] .*\(partner-exit\)",
+            r"leaving: end of input",
+            r"\[BYE\] .*\(exit\)",
         ],
     )
     assert a.err.lines == [] and b.err.lines == []
@@ -202,14 +142,12 @@ def test_raw_peer_and_client_chat_both_ways(server, clients):
     client.out.wait_for(r"^\[WRITE\] your turn to write$")
     assert client.out.lines[-2] == "alice: " + to_client
     to_peer = "r\u00e9ply \u2713 42  "
-    client.type(to_peer + "\r\n\n   \nexit\nnever sent\n")
+    client.type(to_peer + "\r\n\n   \nexit\nnever sent\n")  # exit goes right after the line
     assert peer.raw_line() == b"MSG " + to_peer.encode()
-    peer.expect("TURN WRITE")
-    peer.send("second")
-    peer.expect("TURN READ", "BYE partner-exit")
+    peer.expect("TURN WRITE", "BYE partner-exit")
     peer.expect_closed()
     assert client.wait() == 0
-    assert client.out.lines[-3:-1] == ["alice: second", "[WRITE] your turn to write"]
+    assert client.out.lines[-2] == "[WRITE] your turn to write"
     assert re.fullmatch(r"\[BYE\] .*\(exit\)", client.out.lines[-1])
     peer.close()
 
@@ -221,9 +159,8 @@ def test_piped_line_typed_ahead_waits_for_the_turn(server, clients):
     peer.expect("TURN READ")
     assert peer.line() == "MSG queued"
     peer.expect("TURN WRITE")
-    client.end_input()
-    peer.send("again")
-    peer.expect("TURN READ", "BYE partner-exit")
+    client.end_input()  # its line went out: it leaves at once
+    peer.expect("BYE partner-exit")
     assert client.wait() == 0
     peer.close()
 
@@ -239,13 +176,12 @@ def test_refused_line_keeps_the_turn(server, clients):
     client.out.wait_for(r"^\[ERR\] bad-encoding: ")
     peer.expect("TURN WRITE")
     client.end_input()
-    peer.send("bye")
-    peer.expect("TURN READ", "BYE partner-exit")
+    peer.expect("BYE partner-exit")
     assert client.wait() == 0
     peer.close()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP])
 def test_signal_makes_client_leave(server, clients, sig):
     peer, client = paired_client(server, clients)
     client.signal(sig)
@@ -315,15 +251,18 @@ def accept_named(listener: socket.socket) -> socket.socket:
 
 
 def run_against(listener, lines: bytes) -> subprocess.CompletedProcess:
-    """Start a piped client, feed it ``lines`` from the fake server, collect its output."""
+    """Start a piped client, feed it ``lines`` from the fake server, collect its output.
+    Its standard input stays open (and empty) throughout: it never leaves by itself."""
+    stdin_read, stdin_write = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, CLIENT, "bob", "--port", str(listener.getsockname()[1])],
-        stdin=subprocess.PIPE,
+        stdin=stdin_read,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=child_env(),
         start_new_session=True,
     )
+    os.close(stdin_read)
     try:
         conn = accept_named(listener)
         with conn:
@@ -332,6 +271,7 @@ def run_against(listener, lines: bytes) -> subprocess.CompletedProcess:
             out, err = proc.communicate(timeout=DEADLINE)
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     finally:
+        os.close(stdin_write)
         reap_tree(proc)
 
 
@@ -502,21 +442,22 @@ def test_interactive_prompt_notice_redraw_and_ctrl_c(server, tty_client):
     peer.expect("PAIRED bob", "TURN WRITE")
     child.expect_exact("[PAIRED] you are chatting with alice")
     child.expect_exact("[READ] waiting for alice")
-    child.send("draft")  # typed while alice writes: drawn, no prompt
+    child.expect_exact("(alice writes)")  # the prompt says whose turn it is
+    child.send("draft")  # typed while alice writes
     child.expect_exact("draft")
-    assert "bob>" not in child.before
     peer.send("hello bob")
     peer.expect("TURN READ")
-    # The notice comes at once, then the partial line is drawn again after it,
-    # now behind the prompt because the turn came.
+    # The message comes at once, above the line being typed, which is kept as it was,
+    # now behind the prompt of our turn.
     child.expect_exact("alice: hello bob\r\n")
     child.expect_exact("[WRITE] your turn to write\r\n")
-    child.expect_exact("bob> draft")
+    child.expect_exact("bob>")
     child.send(" more\x7fE\r")
     assert peer.line() == "MSG draft morE"
+    child.expect_exact("bob> draft morE\r\n")  # the transcript's line for it
     peer.expect("TURN WRITE")
     child.expect_exact("[READ] waiting for alice")
-    child.sendintr()
+    child.send("\x03")  # Ctrl-C: a key at the prompt, SIGINT while a line is printed
     child.expect_exact("leaving: received SIGINT")
     child.expect(BYE_RE)
     assert child.match.group("reason") == "exit"
@@ -532,7 +473,7 @@ def test_interactive_line_typed_off_turn_is_held(server, tty_client):
     peer.expect("PAIRED bob", "TURN WRITE")
     child.expect_exact("[READ] waiting for alice")
     child.send("early\r")
-    child.expect_exact("[HELD]")
+    child.expect_exact("[HELD] early (goes out when your turn comes)")
     peer.send("first")
     peer.expect("TURN READ")
     assert peer.line() == "MSG early"  # sent by itself when the turn came
@@ -540,7 +481,7 @@ def test_interactive_line_typed_off_turn_is_held(server, tty_client):
     child.expect_exact("bob> early")
     child.expect_exact("[READ] waiting for alice")
     child.send("\x04")  # Ctrl-D on an empty line
-    child.expect_exact("leaving: end of input")
+    child.expect_exact("leaving: end of input (Ctrl-D)")
     peer.expect("BYE partner-exit")
     assert finish_tty(child) == 0
     peer.close()
@@ -563,11 +504,11 @@ def test_interactive_partner_leaves_while_typing(server, tty_client):
 def test_interactive_exit_typed_on_turn(server, tty_client):
     child = tty_client(server.port, "bob")
     child.expect_exact("[WAIT]")
-    assert "bob>" not in child.before
+    child.expect_exact("(no partner yet)")
     peer = Peer(server.address, "carol")
     peer.expect("PAIRED bob", "TURN READ")
     child.expect_exact("[WRITE] your turn to write")
-    child.expect_exact("bob> ")
+    child.expect_exact("bob>")
     child.send("  exit \r")
     child.expect(BYE_RE)
     assert child.match.group("reason") == "exit"

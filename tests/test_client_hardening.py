@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from test_client import CLIENT, paired_client, stuck_connecting, waiting_peer
+from test_client import CLIENT, paired_client, stuck_connecting
 
 from support import DEADLINE, ServerProc, child_env, reap_tree, run_bin
 
@@ -38,20 +38,15 @@ def run_with_closed(redirect: str, port: int, name: str) -> subprocess.Popen:
 
 
 def test_closed_stdin_is_end_of_input(server):
-    peer = waiting_peer(server)  # alice writes first
     proc = run_with_closed("<&-", server.port, "bob")
     try:
-        peer.expect("PAIRED bob", "TURN WRITE")
-        peer.send("hello")
-        peer.expect("TURN READ", "BYE partner-exit")  # bob's turn: end of input, exit
-        out, err = proc.communicate(timeout=DEADLINE)
+        out, err = proc.communicate(timeout=DEADLINE)  # no partner: bob leaves by himself
     finally:
         reap_tree(proc)
-        peer.close()
     assert proc.returncode == 0, err
     assert err == b""
     lines = out.decode().splitlines()
-    assert lines[-4:-1] == ["alice: hello", "[WRITE] your turn to write", "leaving: end of input"]
+    assert "leaving: end of input" in lines  # before or after the WAIT, as they come
     assert re.fullmatch(r"\[BYE\] .*\(exit\)", lines[-1])
 
 
@@ -136,8 +131,7 @@ def test_a_message_of_the_largest_max_line_is_shown_and_sent(big_server, piped):
     assert peer.raw_line() == b"MSG " + b"b" * LARGEST
     peer.expect("TURN WRITE")
     client.end_input()
-    peer.send("bye")
-    peer.expect("TURN READ", "BYE partner-exit")
+    peer.expect("BYE partner-exit")
     assert client.wait() == 0
     assert not any("too long" in line for line in client.out.lines)
     peer.close()

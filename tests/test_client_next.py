@@ -74,8 +74,7 @@ def test_piped_next_goes_at_once_and_the_chat_goes_on(fake_server, piped):
     server.say("WAIT looking for a new partner", "PAIRED carol", "TURN WRITE")
     assert server.hear() == "hello carol"  # on the new partner's turn, not the stale one
     server.say("TURN READ", "BYE partner-exit carol left the chat")
-    client.end_input()
-    assert client.wait() == 0
+    assert client.wait() == 0  # its input still open: the BYE ends it
     assert client.out.lines[4:] == [
         "[NEXT] leaving alice for a new partner",
         "alice: late words",
@@ -97,7 +96,8 @@ def test_piped_next_waits_behind_a_line_for_the_old_partner(fake_server, piped):
     assert server.hear() == "next"
     server.say("WAIT looking for a new partner")
     client.out.wait_for(r"^\[WAIT\] looking for a new partner$")
-    client.end_input()  # exit at end of input waits for a turn: none comes here
+    client.end_input()  # exit goes at once; this server answers with a shutdown
+    assert server.hear() == "exit"
     server.say("BYE shutdown SERVER WILL CLOSE NOW")
     assert client.wait() == 0
 
@@ -200,7 +200,7 @@ def test_interactive_next_typed_off_turn(server, tty_client):
     carol.send("welcome")
     carol.expect("TURN READ")
     child.expect_exact("carol: welcome")
-    child.expect_exact("bob> ")
+    child.expect_exact("bob>")
     child.send("exit\r")
     child.expect(BYE_RE)
     assert child.match.group("reason") == "exit"
@@ -230,7 +230,7 @@ def test_interactive_next_drops_held_lines_and_prompts_for_the_new_partner(fake_
     child.send("meant for alice\r")
     child.expect_exact("[HELD]")
     child.send("next\r")
-    child.expect_exact("[HELD] 1 unsent line(s) dropped")
+    child.expect_exact("[HELD] 1 unsent line dropped: alice is gone")
     child.expect_exact("[NEXT] leaving alice for a new partner")
     assert server.hear() == "next"  # at once, off turn; the held line never goes
     server.say("WAIT looking for a new partner")
@@ -238,7 +238,7 @@ def test_interactive_next_drops_held_lines_and_prompts_for_the_new_partner(fake_
     assert "bob>" not in child.before
     server.say("PAIRED carol", "TURN WRITE")
     child.expect_exact("[PAIRED] you are chatting with carol")
-    child.expect_exact("bob> ")
+    child.expect_exact("bob>")
     child.send("hi carol\r")
     assert server.hear() == "hi carol"
     server.say("TURN READ", "BYE partner-exit carol left the chat")

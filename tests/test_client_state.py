@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from forkchat import client, protocol
+from forkchat import client, protocol, session
 from forkchat.chatview import (
     ASKED_NEXT,
     CONNECTING,
@@ -16,7 +16,6 @@ from forkchat.chatview import (
     WAITING,
     ChatState,
     handshake_error_text,
-    is_next,
     status_text,
     verify_error_text,
 )
@@ -26,6 +25,7 @@ from forkchat.client import (
     make_tls_context,
     parse_args,
 )
+from forkchat.protocol import is_next
 
 
 def paired(write: bool = True, partner: str = "bob") -> ChatState:
@@ -65,7 +65,7 @@ def test_next_leaves_the_room_and_stale_turns_are_ignored():
     assert (state.phase, state.can_write()) == (ASKED_NEXT, False)
     assert not state.take_turn(write=True)  # the old room's TURN WRITE, still in flight
     assert not state.can_write() and not state.take_err()
-    state.take_wait()
+    assert state.take_wait() is False  # the WAIT that answers our next: dropped already
     state.take_paired("carol")
     assert state.take_turn(write=True) and state.can_write() and state.partner == "carol"
 
@@ -73,8 +73,9 @@ def test_next_leaves_the_room_and_stale_turns_are_ignored():
 def test_wait_in_a_room_takes_the_turn_away():
     """The partner left under --requeue: WAIT, and the session goes on."""
     state = paired(write=True)
-    state.take_wait()
+    assert state.take_wait() is True  # the partner is gone
     assert (state.phase, state.can_write(), state.partner) == (WAITING, False, "bob")
+    assert state.take_wait() is False  # waiting already: nobody left
     state.take_paired("dave")
     state.take_turn(write=False)
     assert state.phase == PAIRED and not state.can_write()
@@ -117,8 +118,8 @@ def test_is_next(line, is_it):
 
 
 def test_the_client_takes_a_msg_of_the_largest_max_line():
-    largest = protocol.msg_line(b"x" * client.MAX_LINE_LIMIT)
-    reader = protocol.LineReader(client.SERVER_LINE_MAX)
+    largest = protocol.msg_line(b"x" * session.MAX_LINE_LIMIT)
+    reader = protocol.LineReader(session.SERVER_LINE_MAX)
     assert reader.feed(largest) == [largest[:-1]]
 
 

@@ -54,6 +54,7 @@ else:
         conn.sendall(b"MSG line %d\\n" % i)
 conn.sendall(b"TURN WRITE\\n")
 print("GOT", lines.readline().decode().rstrip("\\n"), flush=True)
+print("THEN", lines.readline().decode().rstrip("\\n"), flush=True)
 conn.sendall(b"TURN READ\\n")
 conn.sendall(b"BYE partner-exit alice left the chat\\n")
 conn.close()
@@ -128,20 +129,23 @@ def test_chat_over_tls_with_cafile(certs, tls_server):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     lines = done.stdout.splitlines()
-    assert lines[:4] == [
+    cafile = certs["good"][0]
+    assert lines[:5] == [
         f"connected to 127.0.0.1:{server.port} as bob",
+        f"[TLS] TLSv1.3, certificate verified for 127.0.0.1 against {cafile}",
         "[WAIT] waiting for a partner",
         "[PAIRED] you are chatting with alice",
         "[READ] waiting for alice",
     ]
-    assert lines[4:54] == [f"alice: line {i}" for i in range(50)]  # 50 records, none lost
-    assert lines[54:] == [
+    assert lines[5:55] == [f"alice: line {i}" for i in range(50)]  # 50 records, none lost
+    assert lines[55:] == [
         "[WRITE] your turn to write",
-        "[READ] waiting for alice",
+        "leaving: end of input",
         "[BYE] alice left the chat (partner-exit)",
     ]
     server.out.wait_for("^NAME bob$")
     server.out.wait_for("^GOT hi over tls$")
+    server.out.wait_for("^THEN exit$")  # at once: the input ended
     server.out.wait_for("^DONE$")
 
 

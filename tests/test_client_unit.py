@@ -1,23 +1,24 @@
-"""Unit tests of the client's pure parts: sanitising, formatting, arguments, line editing."""
+"""Unit tests of the client's pure parts: sanitising, formatting, arguments, commands."""
 
 from __future__ import annotations
 
-import os
-import pty
-import termios
-
 import pytest
-from docopt import DocoptExit
 
-from forkchat import __version__, client
+from forkchat import __version__, client, commands
 from forkchat.chatview import (
+    ChatState,
     bye_text,
     connect_error_text,
+    dropped_text,
     exit_status_for,
     format_address,
+    input_prompt,
     message_text,
+    prompt_for,
     sanitize,
     split_input,
+    tls_text,
+    toolbar_text,
     turn_text,
 )
 from forkchat.client import (
@@ -26,16 +27,6 @@ from forkchat.client import (
     parse_args,
     parse_port,
     parse_username,
-)
-from forkchat.lineedit import (
-    Edited,
-    EndOfInput,
-    LineEditor,
-    RawTerminal,
-    Submit,
-    cbreak_attrs,
-    cursor_row,
-    display_width,
 )
 
 # ---------------------------------------------------------------- sanitize
@@ -107,11 +98,18 @@ def test_connect_error_text_is_one_line_naming_address_and_make_run():
     assert "\n" not in connect_error_text("h", 1, OSError("x"))
 
 
+def test_connect_error_text_names_the_port_for_make_run():
+    text = connect_error_text("127.0.0.1", 4000, ConnectionRefusedError(111, "Connect call failed"))
+    assert text.endswith("Start one with 'make run PORT=4000'.")
+    assert "(Connection refused)" in text  # the errno's text, not asyncio's wording
+    assert "(timed out)" in connect_error_text("h", 1, TimeoutError())
+
+
 def test_status_and_message_lines():
     assert turn_text(True, "bob") == "[WRITE] your turn to write"
     assert turn_text(False, "bob") == "[READ] waiting for bob"
     assert message_text("bob", "hi \x1b[2Jthere") == "bob: hi there"
-    assert client.prompt_for("alice") == "alice> "
+    assert prompt_for("alice") == "alice> "
 
 
 def test_bye_text_and_exit_status():
@@ -174,7 +172,7 @@ def test_version_and_usage_errors(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--version"])
     assert __version__ in capsys.readouterr().out
-    with pytest.raises(DocoptExit):
+    with pytest.raises(UsageError, match="unexpected argument --nope"):
         parse_args(["--nope"])
 
 
@@ -186,92 +184,77 @@ def test_main_usage_errors_are_one_line(capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-# ---------------------------------------------------------------- line editor
+def test_main_unmatched_arguments_are_one_line(capsys):
+    assert client.main(["alice", "--bogus"]) == 2
+    assert capsys.readouterr().err == "forkchat client: unexpected argument --bogus\n"
+    assert client.main(["two", "words"]) == 2
+    assert capsys.readouterr().err == "forkchat client: unexpected argument words\n"
+    assert client.main(["-x"]) == 2
+    assert capsys.readouterr().err == "forkchat client: unexpected argument -x\n"
 
 
-def test_editor_typing_and_enter():
-    ed = LineEditor()
-    assert ed.feed(b"hel") == [Edited()]
-    assert ed.text == "hel"
-    assert ed.feed(b"lo\r") == [Edited(), Submit("hello")]
-    assert ed.text == ""
-    assert ed.feed(b"a\nb\n") == [Edited(), Submit("a"), Edited(), Submit("b")]
+# ---------------------------------------------------------------- typed lines
 
 
-def test_editor_backspace_kill_line_kill_word():
-    ed = LineEditor()
-    ed.feed(b"hello world")
-    ed.feed(b"\x7f")
-    assert ed.text == "hello worl"
-    ed.feed(b"\x08")
-    assert ed.text == "hello wor"
-    ed.feed(b"\x17")
-    assert ed.text == "hello "
-    ed.feed(b"\x15")
-    assert ed.text == ""
-    assert ed.feed(b"\x7f") == []  # nothing to delete, nothing to redraw
+@pytest.mark.parametrize(
+    ("text", "action", "rest"),
+    [
+        ("hello", commands.SEND, "hello"),
+        ("  hello there ", commands.SEND, "  hello there "),
+        ("exit", commands.LEAVE, ""),
+        ("  exit ", commands.LEAVE, ""),
+        ("next", commands.NEXT, ""),
+        ("/quit", commands.LEAVE, ""),
+        ("/exit", commands.LEAVE, ""),
+        ("/next", commands.NEXT, ""),
+        ("/help", commands.HELP, ""),
+        ("/help me", commands.HELP, ""),
+        ("/nick bob", commands.UNKNOWN, "/nick"),
+        ("/", commands.UNKNOWN, "/"),
+        ("//etc/passwd", commands.SEND, "/etc/passwd"),
+        ("//quit", commands.SEND, "/quit"),
+        ("a /quit", commands.SEND, "a /quit"),
+        ("", commands.IGNORE, ""),
+        (" \t ", commands.IGNORE, ""),
+    ],
+)
+def test_read_typed(text, action, rest):
+    assert commands.read_typed(text) == (action, rest)
 
 
-def test_editor_ctrl_d_only_on_empty_line():
-    ed = LineEditor()
-    assert ed.feed(b"\x04") == [EndOfInput()]
-    ed.feed(b"x")
-    assert ed.feed(b"\x04") == []
-    assert ed.text == "x"
+# ---------------------------------------------------------------- interactive texts
 
 
-def test_editor_utf8_split_across_chunks():
-    ed = LineEditor()
-    data = "caf\u00e9 \u4e2d".encode()
-    for i in range(len(data)):
-        ed.feed(data[i : i + 1])
-    assert ed.text == "caf\u00e9 \u4e2d"
-    ed.feed(b"\x7f")
-    assert ed.text == "caf\u00e9 "
+def test_the_prompt_says_whose_turn_it_is():
+    state = ChatState()
+    assert input_prompt("bob", state) == "(no partner yet) "
+    state.take_wait()
+    state.take_paired("alice")
+    state.take_turn(write=False)
+    assert input_prompt("bob", state) == "(alice writes) "
+    state.take_turn(write=True)
+    assert input_prompt("bob", state) == "bob> "
+    state.send_message()
+    assert input_prompt("bob", state) == "(alice writes) "
+    state.leaving = True
+    assert input_prompt("bob", state) == "(leaving) "
 
 
-def test_editor_ignores_escape_sequences_and_controls():
-    ed = LineEditor()
-    ed.feed(b"a\x1b[Ab\x1b[1;5Cc\x1bOPd\x1bxe\x01\x02\tf")
-    assert ed.text == "abcdef"
-    ed.feed(b"\x1b[")  # split arrow key
-    ed.feed(b"Dg")
-    assert ed.text == "abcdefg"
-    ed.feed(b"\x1b")  # the Escape key alone
-    ed.feed(b"h")
-    assert ed.text == "abcdefgh"
+def test_the_toolbar_shows_where_and_the_state():
+    state = ChatState()
+    state.take_wait()
+    text = toolbar_text("bob", "127.0.0.1:1 TLS", state, 0, "2 others are waiting")
+    assert text == " bob @ 127.0.0.1:1 TLS | waiting: 2 others are waiting | /help "
+    state.take_paired("alice")
+    state.take_turn(write=False)
+    text = toolbar_text("bob", "h:1", state, 2, "")
+    assert text == " bob @ h:1 | chatting with alice, alice is writing | 2 held | /help "
 
 
-def test_display_width_and_cursor_row():
-    assert display_width("abc") == 3
-    assert display_width("\u4e2d\u6587") == 4
-    assert display_width("e\u0301") == 1
-    assert cursor_row(0, 80) == 0
-    assert cursor_row(79, 80) == 0
-    assert cursor_row(80, 80) == 0  # pending wrap: still on the first row
-    assert cursor_row(81, 80) == 1
-    assert cursor_row(160, 80) == 1
-    assert cursor_row(161, 80) == 2
-
-
-def test_cbreak_attrs_keep_isig_and_drop_echo():
-    attrs = [0, 0, 0, termios.ECHO | termios.ICANON | termios.IEXTEN, 0, 0, [b"\0"] * 32]
-    new = cbreak_attrs(attrs)
-    assert new[3] & termios.ISIG
-    assert not new[3] & (termios.ECHO | termios.ICANON | termios.IEXTEN)
-    assert new[6][termios.VMIN] == 1 and new[6][termios.VTIME] == 0
-    assert attrs[3] == termios.ECHO | termios.ICANON | termios.IEXTEN  # input untouched
-
-
-def test_raw_terminal_restores_settings():
-    leader, follower = pty.openpty()
-    try:
-        before = termios.tcgetattr(follower)
-        with RawTerminal(follower):
-            during = termios.tcgetattr(follower)
-            assert not during[3] & termios.ECHO
-            assert during[3] & termios.ISIG
-        assert termios.tcgetattr(follower) == before
-    finally:
-        os.close(leader)
-        os.close(follower)
+def test_tls_and_dropped_texts():
+    assert tls_text("TLSv1.3", "localhost", None) == (
+        "[TLS] TLSv1.3, certificate verified for localhost against the system's CAs"
+    )
+    assert tls_text("TLSv1.2", "h", "ca.pem").endswith("verified for h against ca.pem")
+    assert dropped_text(1, "alice") == "[HELD] 1 unsent line dropped: alice is gone"
+    assert dropped_text(3, None) == "[HELD] 3 unsent lines dropped"
