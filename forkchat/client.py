@@ -70,6 +70,9 @@ DEFAULT_NAME = "client"
 EXIT_USAGE = 2
 LEAVE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 STATUS_SIGNAL = signal.SIGUSR2  # bin/pids --signal USR2 --all: a status line, not death
+# The terminal's own: suspend, resume, resize. The client survives them (prompt_toolkit
+# redraws; a piped client stops and goes on), so bin/pids --all may send them.
+TTY_SIGNALS = (signal.SIGTSTP, signal.SIGCONT, signal.SIGWINCH)
 
 # ---------------------------------------------------------------- command line
 
