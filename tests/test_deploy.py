@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from forkchat.proxyproto import ProxyHeaderReader
+from support import DEADLINE, ServerProc, pair
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -235,3 +236,21 @@ def test_haproxy_sends_proxy_v2_fills_the_first_server_and_checks_with_local(tmp
         proxy.wait(timeout=10)
         for sock in [first, second, *users.values(), *held]:
             sock.close()
+
+
+def test_systemctl_reload_upgrades_the_server_in_place():
+    """ExecReload, run as systemd runs it ($MAINPID the server's PID), makes the server
+    re-execute itself under the same PID with its room still open."""
+    command = read_unit("forkchat.service")["Service"]["ExecReload"]
+    srv = ServerProc("--no-color")
+    try:
+        alice, bob = pair(srv.address)
+        argv = [word.replace("$MAINPID", str(srv.pid)) for word in shlex.split(command)]
+        subprocess.run(argv, check=True, timeout=DEADLINE)
+        srv.out.wait_for(rf"upgrade: forkchat \S+ serves now on \S+, pid {srv.pid} ")
+        alice.send("after the reload")
+        bob.expect("MSG after the reload", "TURN WRITE")
+        alice.close()
+        bob.close()
+    finally:
+        srv.stop()
