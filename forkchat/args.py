@@ -63,6 +63,15 @@ def format_limit(value: float) -> str:
     return str(int(value)) if value == int(value) else repr(value)
 
 
+DEFAULT_PORT = 33016  # the server's, as the original's
+
+
+def make_run(port: int) -> str:
+    """The command that starts a server on ``port``, for a hint: ``make run`` serves
+    the default port, ``make run PORT=N`` another."""
+    return "make run" if port == DEFAULT_PORT else f"make run PORT={port}"
+
+
 def parse_port(text: str, low: int = 1) -> int:
     """A TCP port from ``low`` (1, or 0 for "any free port") to 65535, or UsageError."""
     return to_number({"--port": text}, "--port", int, low, 65535)

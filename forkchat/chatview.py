@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass
 
 from forkchat import protocol
+from forkchat.args import make_run
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-DEFAULT_PORT = 33016
 OK_REASONS = frozenset(
     {
         protocol.BYE_EXIT,
@@ -75,10 +75,9 @@ def connect_error_text(host: str, port: int, exc: OSError) -> str:
     """The one line printed when the server cannot be reached; the ``make run`` it
     suggests serves the port that was tried."""
     reason = os.strerror(exc.errno) if exc.errno else str(exc) or "timed out"
-    make_run = "make run" if port == DEFAULT_PORT else f"make run PORT={port}"
     return (
         f"cannot connect to {format_address(host, port)} ({reason}); "
-        f"is the server running? Start one with '{make_run}'."
+        f"is the server running? Start one with '{make_run(port)}'."
     )
 
 

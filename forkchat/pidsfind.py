@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from .args import make_run
 from .conn import format_peer
 from .proctitle import ROOM_NAME, SERVER_NAME
 
@@ -30,7 +31,10 @@ CLIENT_MODULE = ["-m", "forkchat.client"]
 CLIENT_VALUE_OPTIONS = ("--host", "--port", "--cafile")  # bin/client options with a value
 HIDDEN = "access denied"
 ROOM_TITLE_RE = re.compile(rf"{ROOM_NAME} (\d+) (\S+\+\S+)")
-NO_SERVER = "no server listening on port {port} (start one with make run)"
+
+
+def no_server(port: int) -> str:
+    return f"no server listening on port {port} (start one with {make_run(port)})"
 
 
 class LookupFailed(Exception):
@@ -270,7 +274,7 @@ def find_servers(conns: list[Any], port: int) -> tuple[list[psutil.Process], lis
     servers, strangers = pick_servers({p: (h.ppid, h.is_server) for p, h in holders.items()})
     lines = [stranger_text(port, holders[pid], alone=not servers) for pid in strangers]
     if not servers:
-        raise LookupFailed(lines[0] if lines else NO_SERVER.format(port=port))
+        raise LookupFailed(lines[0] if lines else no_server(port))
     return [holders[pid].proc for pid in servers], lines
 
 
@@ -447,6 +451,6 @@ def survey(port: int, conns: list[Any] | None = None) -> tuple[list[Entry], list
             continue
         family.extend(find_rooms(server, by_pid, now))
     if not any(e.role == "server" for e in family):
-        raise LookupFailed(NO_SERVER.format(port=port))
+        raise LookupFailed(no_server(port))
     connected = find_connected(conns, family, now)
     return family + order_connected(connected, family), strangers

@@ -507,9 +507,8 @@ def test_no_server_on_the_port_is_one_line_and_exit_1(server):
     server.stop()
     done = run_pids("--port", str(port), "--signal", "USR1")
     assert done.returncode == 1 and done.stdout == ""
-    assert (
-        done.stderr
-        == f"forkchat pids: no server listening on port {port} (start one with make run)\n"
+    assert done.stderr == (
+        f"forkchat pids: no server listening on port {port} (start one with make run PORT={port})\n"
     )
 
 

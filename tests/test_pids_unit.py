@@ -138,7 +138,9 @@ def test_no_server_is_one_line_and_exit_1(capsys):
     assert pids.main(["--port", str(port)]) == pids.EXIT_FAILURE
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f"forkchat pids: no server listening on port {port} (start one with make run)\n"
+    assert err == (
+        f"forkchat pids: no server listening on port {port} (start one with make run PORT={port})\n"
+    )
 
 
 def test_listener_of_an_invisible_process_is_reported_as_such(monkeypatch, capsys):
