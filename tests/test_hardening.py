@@ -63,6 +63,20 @@ def test_pidfile_is_written_at_start_and_removed_at_clean_exit(tmp_path):
         srv.stop()
 
 
+def test_a_clean_exit_leaves_a_pidfile_that_names_another_pid(tmp_path):
+    """Another server (or the operator) took the pidfile over: it is not ours to remove."""
+    pidfile = tmp_path / "forkchat.pid"
+    srv = ServerProc("--no-color", "--pidfile", str(pidfile))
+    try:
+        assert pidfile.read_text().strip() == str(srv.pid)
+        pidfile.write_text(f"{os.getpid()}\n")
+        srv.signal(signal.SIGTERM)
+        assert srv.wait_exit() == 0
+        assert pidfile.read_text() == f"{os.getpid()}\n"
+    finally:
+        srv.stop()
+
+
 def test_pidfile_of_a_live_server_is_refused(tmp_path):
     pidfile = tmp_path / "forkchat.pid"
     first = ServerProc("--no-color", "--pidfile", str(pidfile))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import resource
 import selectors
 import signal
 import socket
@@ -735,3 +736,84 @@ def test_a_thousand_nexts_leave_the_parent_as_it_was(start, peers):
     assert srv.out.count(r"room \d+ opened") >= 1000
     assert srv.out.count("client requeued") >= 2000
     assert not srv.children()
+
+
+# ---------------------------------------------------------------- issue 18
+
+
+def test_next_then_exit_pipelined_while_someone_waits_never_pairs_the_leaver(start, peers):
+    """carol waits; alice sends ``next`` and ``exit`` in one segment. The lines the
+    server holds are handled before alice is paired again: she leaves from the queue,
+    and carol, never paired with her, goes on waiting."""
+    srv = start()
+    alice, bob = meet(srv, peers, "alice", "bob")
+    carol = join(srv, peers, "carol")
+    carol.expect("WAIT ")
+    alice.send(b"next\nexit\n")
+    bob.expect("BYE partner-exit")
+    assert rest(alice) == ["WAIT looking for a new partner", "BYE exit goodbye"]
+    srv.out.wait_for(r"client disconnected alice \S+ \(exit\)")
+    bob.close()
+    srv.out.wait_for(r"room 1 closed")
+    wait_until(lambda: not srv.children(), what="room 1 reaped")
+    assert report(srv) == (1, 0, 1, 0)
+    assert srv.out.count(r"room 2 opened") == 0
+    dave = join(srv, peers, "dave")
+    dave.expect("PAIRED carol")
+    carol.expect("PAIRED dave", "TURN WRITE")  # carol's first words since she came
+
+
+def fill_fds(srv: ServerProc) -> list[socket.socket]:
+    """Connect idle clients until the server runs out of fds (it says so and pauses
+    its accepts): those it accepted hold its last fds; the rest wait in the backlog."""
+    held = []
+    mark = srv.out.mark()
+    while not srv.out.count("accept failed"):
+        assert len(held) < 200, "the server never ran out of fds"
+        sock = socket.create_connection(srv.address, timeout=DEADLINE)
+        held.append(sock)
+        sel = selectors.DefaultSelector()
+        sel.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + DEADLINE
+        while not sel.select(0.02) and not srv.out.count("accept failed"):
+            assert time.monotonic() < deadline, "neither HELLO nor 'accept failed'"
+        sel.close()
+    srv.out.wait_for("accept failed", start=mark)
+    return held
+
+
+def test_a_client_the_server_cannot_take_back_is_told_by_its_room_and_counted_once(peers):
+    """The server out of fds when alice says ``next``: her socket cannot be received
+    with its record (MSG_CTRUNC). That record alone is refused (never matched with the
+    next descriptor), the room tells alice ``BYE error``, the log says what happened,
+    and the count stays exact throughout."""
+    limit = 48
+    srv = ServerProc(
+        "--no-color",
+        "--max-waiting",
+        "500",
+        preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
+    )
+    fillers: list[socket.socket] = []
+    try:
+        alice, bob = pair(srv.address)
+        peers += [alice, bob]
+        fillers = fill_fds(srv)
+        alice.send("next")
+        assert rest(alice) == ["BYE error could not find you a new partner"]
+        bob.expect("BYE partner-exit")
+        srv.out.wait_for(r"room 1: cannot take back a client: its socket was lost")
+        srv.out.wait_for(r"\[room 1 pid \d+\] the server could not take back alice ")
+        srv.out.wait_for(r"room 1 closed")
+        wait_until(lambda: not srv.children(), what="room 1 reaped")
+        clients, rooms, waiting, handshaking = report(srv)
+        assert (clients, rooms, waiting) == (handshaking, 0, 0)
+        assert srv.out.count(r"client requeued alice") == 0
+        for sock in fillers:
+            sock.close()
+        carol, dave = pair(srv.address, "carol", "dave")  # fds are free again
+        peers += [carol, dave]
+    finally:
+        for sock in fillers:
+            sock.close()
+        srv.stop()

@@ -25,7 +25,7 @@ from test_tls import (
     wait_handshaking,
 )
 
-from support import DEADLINE, ServerProc, report, run_bin
+from support import DEADLINE, ServerProc, report, run_bin, wait_until
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -329,3 +329,19 @@ def test_a_failed_handshake_after_a_header_is_one_line_with_the_header_address(s
     assert len(lines) == 1 and lines[0].endswith(line.group(0)), lines
     assert about(srv, plain.here) == []
     leave(alice, bob)
+
+
+def test_the_name_timeout_starts_again_once_the_header_is_through(start):
+    """``--name-timeout`` is the time to send a name once the connection speaks the
+    protocol: a header that comes 1.5 s into a 2 s timeout leaves the client 2 s from
+    then, not 0.5 s."""
+    srv = start("--name-timeout", "2")
+    began = time.monotonic()
+    slow = Client(srv.address, hello=False)
+    wait_until(lambda: time.monotonic() - began >= 1.5, what="1.5 s")
+    slow.sock.sendall(v1("198.51.100.4", 4000))
+    assert slow.line().startswith("HELLO ")
+    slow.expect("BYE timeout", timeout=5)
+    closed = time.monotonic() - began
+    assert 3.3 <= closed < 5.0, closed
+    slow.close()

@@ -27,6 +27,8 @@ from support import (
     Peer,
     ServerProc,
     child_env,
+    close_all,
+    pair,
     reap_tree,
     report,
     socket_fds,
@@ -494,3 +496,33 @@ def test_bin_client_with_the_wrong_ca_names_the_file_it_tried(start, make_cert):
     stranger, _ = make_cert("stranger")
     _, err = finish(run_client(srv.port, "alice", "", "--cafile", stranger))
     assert "use --cafile" not in err and stranger in err, err
+
+
+@pytest.mark.parametrize("name", [b"bo\n", b"x\n", b"ann\n"])
+def test_a_short_plain_name_is_refused_at_its_first_byte_not_at_the_name_timeout(start, name):
+    """A name of up to three letters and LF is shorter than a TLS record header:
+    OpenSSL would wait for more. The first byte already says it is no TLS handshake."""
+    srv = start("--name-timeout", "30")
+    began = time.monotonic()
+    plain = Client(srv.address, hello=False, first=name)
+    plain.expect_closed(timeout=5, allow_reset=True)
+    assert time.monotonic() - began < 2.0
+    srv.out.wait_for(f"client disconnected {re.escape(plain.here)} ")
+    assert_one_failure_line(srv, plain.here, "(TLS handshake failed: not TLS: a plain-text client)")
+
+
+def test_a_tls_client_at_a_plain_server_is_logged_as_what_it_is(tls_pair):
+    """Not "bad-name": the log says a TLS handshake came to a plain-text server."""
+    srv = ServerProc("--no-color")
+    try:
+        context = ssl.create_default_context(cafile=tls_pair[0])
+        raw = socket.create_connection(srv.address, timeout=DEADLINE)
+        with pytest.raises((ssl.SSLError, OSError)):
+            context.wrap_socket(raw, server_hostname="localhost")  # HELLO is no ServerHello
+        line = srv.out.wait_for(r"client disconnected \S+ \((.*)\)$")
+        assert line.group(1) == "not a forkchat client: a TLS handshake to a plain-text server"
+        raw.close()
+        alice, bob = pair(srv.address)
+        close_all((alice, bob))
+    finally:
+        srv.stop()
