@@ -330,10 +330,15 @@ class Room:
     def handle_readable(self, conn: Conn) -> None:
         """Read what ``conn`` sent and handle it line by line: the general path (the
         usual case, in the steady state, is :meth:`relay_steady`'s)."""
-        if not conn.receive():
-            self.lose(conn, "closed without exit" if conn.eof else "vanished without exit")
-            return
-        self.handle_inbox(conn)
+        if conn.receive():
+            self.handle_inbox(conn)
+        elif not conn.eof:
+            self.lose(conn, "vanished without exit")  # a reset: what it sent is lost too
+        else:
+            # A FIN only means it sends no more: the lines before it count (a ``next``
+            # or ``exit`` in the same segment as the FIN is still a next or an exit).
+            self.handle_inbox(conn)
+            self.lose(conn, "closed without exit")
 
     def handle_inbox(self, conn: Conn) -> None:
         while conn.inbox and not self.ended:
