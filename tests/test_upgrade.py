@@ -148,6 +148,12 @@ def test_rooms_waiting_and_handshaking_clients_cross_an_upgrade(checkout):
         assert tree(srv.port) == (srv.pid, [(1, srv.pid), (2, srv.pid)])
         assert report(srv) == (5, 2, 1, 0)
         assert srv.out.count(r"room 1 opened") == 1
+        # The old room hands a client back: the new code takes it into its queue.
+        bob.send("next")
+        bob.expect("WAIT ")
+        alice.expect("TURN READ", "BYE partner-exit")
+        srv.out.wait_for(r"\[server\] client requeued bob \S+ \(said next\)")
+        bob.expect("PAIRED henry", "TURN READ")  # henry waited first
         close_all((alice, bob, carol, dave, henry))
     finally:
         srv.stop()
