@@ -628,8 +628,8 @@ def test_soak_leaves_nothing_behind_and_delivers_every_message_once_in_order(ser
     rng = random.Random(7)
     expect_room_works(server.address, "warm1", "warm2")
     parent = psutil.Process(server.pid)
-    # Reaped by the server, not only gone: the forker reaps a room before the server
-    # sees its pidfd and closes that and the room's channel (a report reaps first).
+    # Reaped by the server, not only gone: a report reaps first, so the room's pidfd
+    # and channel are closed by the time it says 0 rooms.
     wait_until(lambda: report(server)[1] == 0, what="warm-up room reaped by the server")
     fds_before, rss_before = parent.num_fds(), parent.memory_info().rss
     for i in range(300):
@@ -729,7 +729,7 @@ def test_report_is_right_while_a_dead_worker_is_not_yet_reaped(server):
     worker = server.children()[0]
     with frozen(server):
         worker.kill()
-        # Reaped at once by the forker, its parent; or a zombie, for a server's own.
+        # A zombie: its parent, the server, is frozen and cannot reap it yet.
         wait_until(lambda: has_exited(worker), what="worker dead")
         server.signal(signal.SIGUSR2)  # the report and the sentinel in one batch
     server.out.wait_for(r"NUMBER OF CLIENTS : \*\* 2 \*\*")

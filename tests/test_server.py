@@ -219,7 +219,7 @@ def test_log_is_coloured_on_a_terminal_only_when_allowed():
                 child.expect("client connected")
             return child.before.decode() + child.after.decode()
         finally:
-            family = psutil.Process(child.pid).children(recursive=True)  # the room forker
+            family = psutil.Process(child.pid).children(recursive=True)  # rooms, if any
             child.kill(signal.SIGKILL)
             child.close()
             psutil.wait_procs(family, timeout=DEADLINE)  # it exits once the server is gone

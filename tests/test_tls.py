@@ -198,7 +198,7 @@ def test_the_room_worker_holds_the_two_tls_sockets_and_its_channel(start, trust)
     assert socket_fds(room) == 3  # the two clients and its end of the channel
     # The sessions' state is in the server's memory: it forks TLS rooms itself.
     assert psutil.Process(room).ppid() == srv.pid
-    assert srv.descendants() == srv.children()  # no room forker
+    assert srv.descendants() == srv.children()  # the rooms, and nothing between
     chat_both_ways(alice, bob)  # the worker carries both sessions on after the fork
     leave(alice, bob)
 
