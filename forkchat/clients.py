@@ -193,6 +193,10 @@ class Clients:
             self.closing[conn.fd] = conn
         return conn
 
+    def open_fds(self) -> list[int]:
+        """The fds of every connection the parent holds."""
+        return list(self.owners)
+
     def export_closing(self) -> list[dict[str, Any]]:
         """Every client being closed gracefully, as data, in deadline order."""
         return [self.export(conn) for conn in self.closing.values()]

@@ -40,6 +40,7 @@ MAX_FDS_PER_READ = 4
 TAKEN = b"+"
 REFUSED = b"-"
 NOTE = b"!"  # "!SIGINT\n": the server is shutting down, because of SIGINT
+NOT_VERDICTS = bytes(b for b in range(256) if b not in TAKEN + REFUSED)
 VERDICT_TIMEOUT = 5.0  # seconds a room waits for the parent's verdicts
 
 
@@ -125,8 +126,10 @@ def send_handback(channel: socket.socket, record: HandBack, fd: int) -> None:
 
 
 def note_line(why: str) -> bytes:
-    """The parent's shutdown note: the server is stopping because of ``why``."""
-    return NOTE + why.encode("ascii", "replace") + b"\n"
+    """The parent's shutdown note: the server is stopping because of ``why`` (its text
+    never holds a verdict byte)."""
+    text = why.encode("ascii", "replace").translate(None, TAKEN + REFUSED + b"\n")
+    return NOTE + text + b"\n"
 
 
 class RoomEnd:
@@ -183,13 +186,8 @@ class RoomEnd:
         return [v == TAKEN[0] for v in got[:count]] + [False] * (count - len(got))
 
     def verdicts(self) -> bytes:
-        """The verdict bytes received so far, in order (the note left out)."""
-        start = self.buf.find(NOTE)
-        if start < 0:
-            return bytes(b for b in self.buf if b in b"+-")
-        end = self.buf.find(b"\n", start)
-        outside = self.buf[:start] + (self.buf[end + 1 :] if end >= 0 else b"")
-        return bytes(b for b in outside if b in b"+-")
+        """The verdict bytes received so far, in order (a note holds none)."""
+        return bytes(self.buf).translate(None, NOT_VERDICTS)
 
 
 class ChannelReader:

@@ -358,7 +358,7 @@ class Server:
             "closing": self.clients.export_closing(),
             "rooms": self.rooms.export(),
         }
-        fds = [self.listener.fileno(), *(conn.fd for conn, _ in self.clients.owners.values())]
+        fds = [self.listener.fileno(), *self.clients.open_fds()]
         for room in state["rooms"]:
             fds += [room["pidfd"], room["channel"], *filter(None, room["channel_fds"])]
             fds += [room["count"][0]] if room["count"] else []
