@@ -46,6 +46,7 @@ from .log import Log, detach_stdout, want_color
 from .pidfile import remove_pidfile
 from .proctitle import SERVER_NAME, prepare_titles, set_comm
 from .server import Options, Server, StartupError
+from .tlsconf import TlsError, server_context
 from .upgrade import READS, UpgradeError, check_request, take_state
 
 EXIT_FAILURE = 1
@@ -90,13 +91,20 @@ def raise_fd_limit() -> tuple[int, int] | None:
 
 def check_upgrade(argv: list[str] | None, state_format: int) -> int:
     """Check mode, run by a server about to upgrade to this code: everything imported
-    (this module imports the server's), the options accepted, the state's format read.
-    The last line printed says yes (``forkchat VERSION ...``) or why not."""
+    (this module imports the server's), the options accepted, the TLS files loaded, the
+    state's format read. The last line printed says yes (``forkchat VERSION ...``) or
+    why not."""
     try:
-        parse_options(argv)
+        opts = parse_options(argv)
     except UsageError as exc:
         print(f"the options are refused: {exc}")
         return EXIT_USAGE
+    if opts.tls_cert:
+        try:
+            server_context(opts.tls_cert, opts.tls_key or "")
+        except TlsError as exc:
+            print(f"the TLS files are refused: {exc}")
+            return EXIT_FAILURE
     if state_format not in READS:
         print(f"cannot take over from a server handing over state format {state_format}")
         return EXIT_FAILURE

@@ -584,3 +584,24 @@ def test_bin_pids_shows_the_same_server_and_its_rooms_across_an_upgrade(checkout
         close_all((alice, bob, carol, dave))
     finally:
         srv.stop()
+
+
+def test_an_upgrade_whose_tls_files_no_longer_load_is_refused(checkout, tls_pair, tmp_path):
+    """The new code would load the certificate and key again: files replaced by bad
+    ones since the start make the check fail, and the server serves on with its own."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(tls_pair[0], cert)
+    shutil.copy(tls_pair[1], key)
+    srv = checkout.server("--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        key.write_text("not a key\n")
+        mark = srv.out.mark()
+        srv.signal(signal.SIGRTMIN)
+        refused = srv.out.wait_for(r"upgrade refused: (.*)$", start=mark)
+        assert "the TLS files are refused" in refused.group(1), refused.group(1)
+        trust = ssl.create_default_context(cafile=tls_pair[0])
+        alice, bob = pair_up(srv.address, trust)
+        chat_both_ways(alice, bob)
+        leave(alice, bob)
+    finally:
+        srv.stop()
