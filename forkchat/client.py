@@ -61,9 +61,10 @@ from forkchat.chatview import (
     format_address,
     tls_text,
 )
-from forkchat.link import TLS_MINIMUM, Link, TlsFailed, open_link
+from forkchat.link import Link, TlsFailed, open_link
 from forkchat.piped import PipedFront
 from forkchat.session import ChatSession, Front
+from forkchat.tlsconf import TlsError, client_context
 
 PROG = "forkchat client"
 DEFAULT_NAME = "client"
@@ -113,12 +114,9 @@ def make_tls_context(cafile: str | None) -> ssl.SSLContext:
     CAs (or only those in ``cafile``), the host name checked. UsageError if ``cafile``
     cannot be read."""
     try:
-        context = ssl.create_default_context(cafile=cafile)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
-        raise UsageError(f"--cafile {cafile}: cannot load CA certificates ({reason})") from None
-    context.minimum_version = max(context.minimum_version, TLS_MINIMUM)
-    return context
+        return client_context(cafile)
+    except TlsError as exc:
+        raise UsageError(f"--cafile {cafile}: cannot load CA certificates ({exc})") from None
 
 
 def print_error(message: str) -> None:

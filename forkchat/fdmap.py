@@ -36,10 +36,6 @@ class FdMap:
         if 0 <= fd < len(self.marks):
             self.marks[fd] = 0
 
-    def owned(self) -> list[int]:
-        """The marked fds, in order (for tests and the log)."""
-        return [fd for fd, mark in enumerate(self.marks) if mark]
-
     def close_all(self, keep: Iterable[int] = ()) -> None:
         """Close every marked fd except those in ``keep``, one closerange per run."""
         keep_sorted = sorted(keep)

@@ -17,7 +17,6 @@ from forkchat.chatview import handshake_error_text, verify_error_text
 
 CONNECT_TIMEOUT = 10.0  # seconds to connect, and again to shake hands over TLS
 READ_SIZE = 65536
-TLS_MINIMUM = ssl.TLSVersion.TLSv1_2
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 

@@ -34,7 +34,6 @@ ERR_NOT_YOUR_TURN = "not-your-turn"
 ERR_TOO_LONG = "too-long"
 ERR_BAD_ENCODING = "bad-encoding"
 ERR_BAD_CHAR = "bad-char"
-ERR_CODES = frozenset({ERR_NOT_YOUR_TURN, ERR_TOO_LONG, ERR_BAD_ENCODING, ERR_BAD_CHAR})
 
 # What the server does with a chat line (see judge_line); any other verdict is an ERR code.
 LEAVE = "leave"

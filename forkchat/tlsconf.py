@@ -131,9 +131,3 @@ def describe_handshake_error(exc: OSError) -> str:
     if isinstance(exc, ConnectionError):
         return f"TLS handshake: the client went away ({exc.strerror})"
     return f"TLS handshake: connection failed: {exc.strerror or exc}"
-
-
-def describe_verify_error(exc: ssl.SSLCertVerificationError) -> str:
-    """One line for a client that could not verify the server's certificate."""
-    detail = exc.verify_message or exc.reason or str(exc)
-    return f"cannot verify the server's certificate: {detail}"

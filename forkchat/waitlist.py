@@ -70,18 +70,10 @@ class WaitList(Generic[W]):
                     return first, second
         return None
 
-    def pop_pair(self) -> tuple[W, W] | None:
-        """Like :meth:`next_pair`, and take the pair out of the queue."""
-        pair = self.next_pair()
-        if pair is not None:
-            for client in pair:
-                self.remove(client)
-        return pair
-
     def partner_in_line(self, client: W) -> W | None:
         """Who ``client`` would be paired with if rooms were free now, or None if it
         would wait. One pass in queue order: each client takes the earliest one before
-        it still unpaired that it may be paired with (the pairs :meth:`pop_pair` makes,
+        it still unpaired that it may be paired with (the pairs :meth:`next_pair` gives one by one,
         in linear time for the usual queue)."""
         unpaired: list[W] = []
         for waiter in self._queue.values():

@@ -12,7 +12,6 @@ import pytest
 from forkchat.tlsconf import (
     TlsError,
     client_context,
-    describe_verify_error,
     handshake_step,
     server_context,
 )
@@ -217,9 +216,7 @@ def test_a_client_that_does_not_trust_us_is_one_line(server, pair, make_cert):
         "TLS handshake failed: the client does not trust our certificate (unknown CA)"
     )
     assert isinstance(drive.client_error, ssl.SSLCertVerificationError)
-    assert describe_verify_error(drive.client_error) == (
-        "cannot verify the server's certificate: self-signed certificate"
-    )
+    assert drive.client_error.verify_message == "self-signed certificate"
 
 
 def test_a_client_that_insists_on_tls11_is_refused(server, pair):

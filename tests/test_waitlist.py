@@ -12,6 +12,14 @@ from dataclasses import dataclass
 from forkchat.waitlist import WaitList, may_pair
 
 
+def pop_pair(wl: WaitList):
+    """The next pair, taken out of the queue (as the lobby does when it opens a room)."""
+    pair = wl.next_pair()
+    for client in pair or ():
+        wl.remove(client)
+    return pair
+
+
 @dataclass(eq=False)
 class W:
     id: int
@@ -34,9 +42,9 @@ def split(a: W, b: W) -> None:
 
 
 def drain(wl: WaitList[W]) -> list[tuple[int, int]]:
-    """Every pair pop_pair gives, in order, as ids."""
+    """Every pair the queue gives, in order, as ids."""
     pairs = []
-    while (pair := wl.pop_pair()) is not None:
+    while (pair := pop_pair(wl)) is not None:
         pairs.append((pair[0].id, pair[1].id))
     return pairs
 
@@ -51,17 +59,17 @@ def test_the_first_of_a_pair_is_the_one_who_arrived_earlier():
     """Ids are not arrival order: the queue is. A late id that arrived first writes first."""
     late, early = W(9), W(2)
     wl = queue_of(late, early)
-    first, second = wl.pop_pair()
+    first, second = pop_pair(wl)
     assert (first, second) == (late, early)
 
 
-def test_next_pair_takes_nothing_out_and_pop_pair_does():
+def test_next_pair_takes_nothing_out():
     a, b = W(1), W(2)
     wl = queue_of(a, b)
     assert wl.next_pair() == (a, b)
     assert len(wl) == 2 and a in wl and b in wl
-    assert wl.pop_pair() == (a, b)
-    assert len(wl) == 0 and a not in wl and wl.pop_pair() is None
+    assert pop_pair(wl) == (a, b)
+    assert len(wl) == 0 and a not in wl and pop_pair(wl) is None
 
 
 def test_a_client_queued_again_goes_to_the_end():
@@ -70,7 +78,7 @@ def test_a_client_queued_again_goes_to_the_end():
     wl.remove(a)
     wl.add(a)
     assert [w.id for w in wl] == [2, 3, 1]
-    assert wl.pop_pair() == (b, c)
+    assert pop_pair(wl) == (b, c)
 
 
 def test_two_who_just_split_alone_in_the_queue_both_wait():
@@ -89,11 +97,11 @@ def test_two_who_split_are_each_paired_with_a_third_arrival_in_queue_order():
     wl = queue_of(b, a)  # b was left behind: queued ahead of a, who said next
     c = W(3)
     wl.add(c)
-    assert wl.pop_pair() == (b, c)  # the third pairs with the first in queue order
+    assert pop_pair(wl) == (b, c)  # the third pairs with the first in queue order
     assert wl.next_pair() is None  # a alone
     d = W(4)
     wl.add(d)
-    assert wl.pop_pair() == (a, d)
+    assert pop_pair(wl) == (a, d)
     assert len(wl) == 0
 
 
@@ -101,7 +109,7 @@ def test_one_who_split_is_skipped_for_a_later_one_it_may_meet():
     a, b, c = W(1), W(2), W(3)
     split(a, b)
     wl = queue_of(a, b, c)
-    assert wl.pop_pair() == (a, c)  # a skips b; b waits
+    assert pop_pair(wl) == (a, c)  # a skips b; b waits
     assert [w.id for w in wl] == [2]
 
 
@@ -118,7 +126,7 @@ def test_avoid_lifts_once_each_had_another_partner():
     split(a, b)
     a.avoid, b.avoid = 3, 4  # each left someone else since
     assert may_pair(a, b)
-    assert queue_of(a, b).pop_pair() == (a, b)
+    assert pop_pair(queue_of(a, b)) == (a, b)
 
 
 def test_a_client_never_avoids_an_unrelated_one():
@@ -178,7 +186,7 @@ def test_partner_in_line_agrees_with_repeated_pop_pair_on_random_queues():
         waiters = random_queue(rng, rng.randrange(2, 12))
         popped = queue_of(*waiters)
         partner_of: dict[int, int | None] = {w.id: None for w in waiters}
-        while (pair := popped.pop_pair()) is not None:
+        while (pair := pop_pair(popped)) is not None:
             assert may_pair(*pair)
             partner_of[pair[0].id], partner_of[pair[1].id] = pair[1].id, pair[0].id
         # Nobody left over could have been paired with anyone else left over.
