@@ -11,6 +11,18 @@ ARGS   ?=
 
 all: test
 
+.PHONY: help
+help:
+	@echo 'Targets (those that run Python set up .venv with the requirements first):'
+	@echo '  run      the server, in the foreground    make run PORT=4000 ARGS="--requeue"'
+	@echo '  client   a chat client                    make client NAME=bob ARGS="--cafile cert.pem"'
+	@echo '  pids     list or signal its processes     make pids ARGS="--signal USR2"'
+	@echo '  test     lint, then the whole suite (about 3 min; may apt-get haproxy and openssl)'
+	@echo '  bench    the benchmark beside its reference relay; figures also in bench.json'
+	@echo '  lint     ruff check and format check      format: let ruff fix what it can'
+	@echo '  cert     a self-signed cert.pem and key.pem, for trying TLS'
+	@echo '  sysdeps  haproxy and openssl, if missing  clean: remove .venv and the caches'
+
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
