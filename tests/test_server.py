@@ -18,6 +18,7 @@ from support import (
     Peer,
     ServerProc,
     child_env,
+    close_all,
     pair,
     run_bin,
     socket_fds,
@@ -306,3 +307,22 @@ def test_processes_are_named_for_top(server):
     assert [c.name() for c in server.children()] == ["forkchat-room"]
     a.close()
     b.close()
+
+
+def test_wait_says_who_else_waits():
+    """WAIT explains itself: nobody else, rooms all busy (both of a pair in line are
+    told), or how many others wait."""
+    srv = ServerProc("--no-color", "--max-rooms", "1")
+    try:
+        a, b = pair(srv.address)
+        c = Peer(srv.address, "carol")
+        c.expect("WAIT waiting for a partner: nobody else is waiting")
+        d = Peer(srv.address, "dave")
+        d.expect("WAIT all 1 rooms are busy, you are in line")
+        c.expect("WAIT all 1 rooms are busy, you are in line")
+        e = Peer(srv.address, "erin")
+        e.expect("WAIT waiting for a partner: 2 others waiting")
+        srv.out.wait_for(r"erin \S+ waiting \(waiting for a partner: 2 others waiting\)$")
+        close_all((a, b, c, d, e))
+    finally:
+        srv.stop()
