@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 
 import pexpect
 import psutil
 import pytest
+from test_tls import pair_up
 
 from support import (
     BIN,
@@ -324,5 +326,28 @@ def test_wait_says_who_else_waits():
         e.expect("WAIT waiting for a partner: 2 others waiting")
         srv.out.wait_for(r"erin \S+ waiting \(waiting for a partner: 2 others waiting\)$")
         close_all((a, b, c, d, e))
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_every_room_is_a_child_of_the_server_with_nothing_between(tls, request):
+    """The process tree the project promises: server -> rooms, with or without TLS."""
+    if tls:
+        cert, key = request.getfixturevalue("tls_pair")
+        srv = ServerProc("--no-color", "--tls-cert", cert, "--tls-key", key)
+        trust = ssl.create_default_context(cafile=cert)
+        peers = [p for i in range(3) for p in pair_up(srv.address, trust, f"a{i}", f"b{i}")]
+    else:
+        srv = ServerProc("--no-color")
+        peers = [p for i in range(3) for p in pair(srv.address, f"a{i}", f"b{i}")]
+    try:
+        rooms = srv.descendants()
+        assert len(rooms) == 3
+        for room in rooms:
+            assert room.ppid() == srv.pid
+            assert room.name() == "forkchat-room"
+            assert room.cmdline()[0].startswith("forkchat-room ")
+        close_all(peers)
     finally:
         srv.stop()
