@@ -333,15 +333,14 @@ def test_wait_says_who_else_waits():
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_every_room_is_a_child_of_the_server_with_nothing_between(tls, request):
     """The process tree the project promises: server -> rooms, with or without TLS."""
-    if tls:
-        cert, key = request.getfixturevalue("tls_pair")
-        srv = ServerProc("--no-color", "--tls-cert", cert, "--tls-key", key)
-        trust = ssl.create_default_context(cafile=cert)
-        peers = [p for i in range(3) for p in pair_up(srv.address, trust, f"a{i}", f"b{i}")]
-    else:
-        srv = ServerProc("--no-color")
-        peers = [p for i in range(3) for p in pair(srv.address, f"a{i}", f"b{i}")]
+    cert, key = request.getfixturevalue("tls_pair") if tls else (None, None)
+    srv = ServerProc("--no-color", *(("--tls-cert", cert, "--tls-key", key) if tls else ()))
     try:
+        if tls:
+            trust = ssl.create_default_context(cafile=cert)
+            peers = [p for i in range(3) for p in pair_up(srv.address, trust, f"a{i}", f"b{i}")]
+        else:
+            peers = [p for i in range(3) for p in pair(srv.address, f"a{i}", f"b{i}")]
         rooms = srv.descendants()
         assert len(rooms) == 3
         for room in rooms:
