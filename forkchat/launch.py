@@ -35,7 +35,8 @@ def run(module: str) -> None:
         prog = f"bin/{Path(sys.argv[0]).name}"
         print(
             f"{prog}: the Python package {exc.name!r} is missing: run 'make run' or "
-            "'make test' once first (either creates .venv with the requirements)",
+            "'make test' once first (either creates .venv with the requirements), or "
+            "install requirements.txt again if it changed",
             file=sys.stderr,
         )
         sys.exit(EXIT_NOT_INSTALLED)

@@ -125,16 +125,17 @@ class Lobby:
     # -- telling why --------------------------------------------------------------------
 
     def tell_waiting(self, conn: Conn, text: str) -> None:
-        """``WAIT`` for a client left in the queue, saying why it waits (``text``, then
-        who else waits). When it completes a pair that has no free room, its
-        partner-to-be hears that too; when the only other waiting is its last partner,
-        that one hears it too."""
+        """``WAIT`` for a client left in the queue, saying why it waits: ``text`` (how it
+        came to wait), then what keeps it waiting (every room busy, its last partner
+        the only other one, or who else waits). When it completes a pair that has no
+        free room, its partner-to-be hears that too; when the only other one waiting is
+        its last partner, that one hears it too."""
         partner = self.queue.partner_in_line(conn)
         others = [w for w in self.queue if w is not conn]
         if partner is not None and self.rooms.is_full():
-            busy = f"all {self.rooms.max_rooms} rooms are busy, you are in line"
-            self.clients.send(partner, p.wait_line(busy))
-            text = busy
+            busy = busy_text(self.rooms.max_rooms)
+            self.clients.send(partner, p.wait_line(f"waiting for a partner: {busy}"))
+            text = f"{text}: {busy}"
         elif len(others) == 1 and not may_pair(conn, others[0]):
             other = others[0]
             self.clients.send(
@@ -201,6 +202,12 @@ class Lobby:
         self.stopping = True
         for conn in list(self.queue):
             self.clients.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
+
+
+def busy_text(max_rooms: int) -> str:
+    """Why a client with a partner-to-be waits, for a WAIT text."""
+    rooms = "the only room is busy" if max_rooms == 1 else f"all {max_rooms} rooms are busy"
+    return f"{rooms}, you are in line"
 
 
 def describe_others(count: int) -> str:

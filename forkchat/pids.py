@@ -17,8 +17,9 @@ One line per process: the server (the process named forkchat-server that listens
 PORT), its rooms (its children titled forkchat-room, shown as #7:alice+bob), then the
 processes connected to them: "client" for a forkchat client (bin/client, shown by its
 user's name), "other" for any other program (nc, openssl, haproxy, shown by the
-program's name). A process with several connections is one line. Addresses are in
-address order (IPv4 first, then by number). Another program listening on PORT is named
+program's name). A process with several connections is one line. Within a line,
+addresses are in address order (IPv4 first, then by number); the lines of clients and
+others follow the room they talk to, then their PID. Another program listening on PORT is named
 in one line on stderr, neither listed nor signalled; a service manager's copy of the
 listener (systemd's, behind socket activation) is not mentioned.
 

@@ -157,8 +157,8 @@ class Server:
         for data in state["closing"]:
             self.clients.adopt(data, None, CLOSING)
         self.install_signals()
-        counts = (len(self.rooms), len(self.lobby), len(self.door))
-        carried = "{} rooms, {} waiting, {} handshaking".format(*counts)
+        rooms = f"{len(self.rooms)} room{'' if len(self.rooms) == 1 else 's'}"
+        carried = f"{rooms}, {len(self.lobby)} waiting, {len(self.door)} handshaking"
         self.log.event(
             "info",
             f"upgrade: forkchat {__version__} serves now on {self.address}, "

@@ -244,6 +244,7 @@ def test_a_shim_before_the_first_make_says_what_to_run(tmp_path, name):
     assert "Traceback" not in done.stderr
     assert re.fullmatch(
         rf"bin/{name}: the Python package '\w+' is missing: run 'make run' or 'make test' "
-        r"once first \(either creates \.venv with the requirements\)\n",
+        r"once first \(either creates \.venv with the requirements\), or install "
+        r"requirements\.txt again if it changed\n",
         done.stderr,
     ), done.stderr

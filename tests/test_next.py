@@ -817,3 +817,20 @@ def test_a_client_the_server_cannot_take_back_is_told_by_its_room_and_counted_on
         for sock in fillers:
             sock.close()
         srv.stop()
+
+
+def test_under_requeue_the_one_left_behind_hears_why_even_when_every_room_is_busy(start, peers):
+    """The only room busy and a pair in line for it: a client whose partner left is
+    told so, and that the room is busy, not only the latter."""
+    srv = start("--requeue", "--max-rooms", "1")
+    alice, bob = meet(srv, peers, "alice", "bob")
+    carol = join(srv, peers, "carol")
+    carol.expect("WAIT waiting for a partner: nobody else is waiting")
+    dave = join(srv, peers, "dave")
+    dave.expect("WAIT waiting for a partner: the only room is busy, you are in line")
+    carol.expect("WAIT waiting for a partner: the only room is busy, you are in line")
+    erin = join(srv, peers, "erin")
+    erin.expect("WAIT waiting for a partner: 2 others waiting")
+    alice.send("next")  # the room frees: carol and dave take it; bob and erin wait
+    carol.expect("PAIRED dave")
+    bob.expect("WAIT alice left, waiting for a new partner: the only room is busy, you are in")

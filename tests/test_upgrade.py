@@ -130,7 +130,7 @@ def test_rooms_waiting_and_handshaking_clients_cross_an_upgrade(checkout):
         checkout.bump()
         done = upgrade(srv)
         assert done.group(3) == __version__
-        assert done.group(4) == "1 rooms, 1 waiting, 1 handshaking"
+        assert done.group(4) == "1 room, 1 waiting, 1 handshaking"
         assert report(srv) == (4, 1, 1, 1)
         # The old room chats on, in the old code.
         alice.send("still here?")
@@ -237,7 +237,7 @@ def test_over_tls_rooms_go_on_and_clients_not_in_a_room_are_told_to_reconnect(ch
         raw = socket.create_connection(srv.address, timeout=DEADLINE)  # no handshake yet
         checkout.bump()
         done = upgrade(srv)
-        assert done.group(4) == "1 rooms, 0 waiting, 1 handshaking"
+        assert done.group(4) == "1 room, 0 waiting, 1 handshaking"
         carol.expect("BYE shutdown the server is being upgraded: reconnect")
         srv.out.wait_for(r"client disconnected carol \S+ \(server upgrade: a TLS session")
         chat_both_ways(alice, bob)  # the room, and its TLS sessions, go on
