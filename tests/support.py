@@ -173,6 +173,38 @@ class ServerProc:
     kill = stop
 
 
+class SocketActivated:
+    """``systemd-socket-activate`` listening on a free loopback port, which starts
+    ``server`` (a bin/server path) with ``args`` on the first connection, in its own
+    process (the tool execs it): ``pid`` is the server's too. Reaped on exit."""
+
+    def __init__(self, server: Path, *args: str) -> None:
+        with socket.socket() as probe:  # a free port: the tool wants a number
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.address = ("127.0.0.1", self.port)
+        self.proc = subprocess.Popen(
+            [
+                *("systemd-socket-activate", "-l", f"127.0.0.1:{self.port}", "-E", "NO_COLOR=1"),
+                *(sys.executable, str(server), "--no-color", *args),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+            start_new_session=True,
+        )
+        self.pid = self.proc.pid
+        self.out, self.err = OutputTail(self.proc.stdout), OutputTail(self.proc.stderr)
+        self.err.wait_for(rf"Listening on 127\.0\.0\.1:{self.port}")
+
+    def __enter__(self) -> SocketActivated:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        reap_tree(self.proc)
+
+
 def reap_tree(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     """Terminate ``proc`` and every descendant it has, by PID, and reap them all."""
     try:

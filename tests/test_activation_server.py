@@ -21,9 +21,9 @@ from support import (
     OutputTail,
     Peer,
     ServerProc,
+    SocketActivated,
     child_env,
     pair,
-    reap_tree,
     socket_fds,
 )
 
@@ -119,37 +119,19 @@ def test_a_udp_socket_on_fd_3_is_one_line_and_exit_1():
     not shutil.which("systemd-socket-activate"), reason="no systemd-socket-activate here"
 )
 def test_systemd_socket_activate_starts_the_server_on_the_first_connection():
-    with socket.socket() as probe:  # a free port: the tool wants a number
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    tool = subprocess.Popen(
-        [
-            *("systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E", "NO_COLOR=1"),
-            *(sys.executable, str(BIN / "server"), "--no-color"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=child_env(),
-        start_new_session=True,
-    )
-    try:
-        out, err = OutputTail(tool.stdout), OutputTail(tool.stderr)
-        err.wait_for(rf"Listening on 127\.0\.0\.1:{port}")
-        assert out.lines == []  # nothing started yet
+    with SocketActivated(BIN / "server") as tool:
+        assert tool.out.lines == []  # nothing started yet
         # The tool execs the server on the first connection, in its own process: this
         # client then waits in the backlog and must get HELLO from the server.
-        alice = Peer(("127.0.0.1", port), "alice")
-        m = out.wait_for(LISTEN_RE.pattern)
-        assert (m.group(1), int(m.group(2)), int(m.group(3))) == ("127.0.0.1", port, tool.pid)
+        alice = Peer(tool.address, "alice")
+        m = tool.out.wait_for(LISTEN_RE.pattern)
+        assert (m.group(1), int(m.group(2)), int(m.group(3))) == ("127.0.0.1", tool.port, tool.pid)
         alice.expect("WAIT ")
-        bob = Peer(("127.0.0.1", port), "bob")
+        bob = Peer(tool.address, "bob")
         bob.expect("PAIRED alice", "TURN READ")
         alice.expect("PAIRED bob", "TURN WRITE")
         chat_both_ways(alice, bob)
         leave(alice, bob)
-        tool.send_signal(signal.SIGTERM)
-        assert tool.wait(DEADLINE) == 0
-        out.wait_for("^SERVER WILL DISCONNECT$")
-    finally:
-        reap_tree(tool)
+        tool.proc.send_signal(signal.SIGTERM)
+        assert tool.proc.wait(DEADLINE) == 0
+        tool.out.wait_for("^SERVER WILL DISCONNECT$")

@@ -27,13 +27,12 @@ from forkchat import __version__
 from support import (
     DEADLINE,
     ROOT,
-    OutputTail,
     Peer,
     ServerProc,
+    SocketActivated,
     child_env,
     close_all,
     pair,
-    reap_tree,
     report,
     wait_until,
 )
@@ -285,39 +284,20 @@ def test_with_proxy_protocol_a_half_read_header_and_the_clients_addresses_cross(
     not shutil.which("systemd-socket-activate"), reason="no systemd-socket-activate here"
 )
 def test_under_socket_activation_the_same_socket_and_pid_serve_after_the_upgrade(checkout):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    tool = subprocess.Popen(
-        [
-            *("systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E", "NO_COLOR=1"),
-            *(sys.executable, str(checkout.root / "bin" / "server"), "--no-color"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=child_env(),
-        start_new_session=True,
-    )
-    try:
-        out, err = OutputTail(tool.stdout), OutputTail(tool.stderr)
-        err.wait_for(rf"Listening on 127\.0\.0\.1:{port}")
-        address = ("127.0.0.1", port)
-        alice, bob = pair(address)  # the first connection starts the server
-        out.wait_for(rf"forkchat server listening on 127\.0\.0\.1:{port} pid {tool.pid}$")
+    with SocketActivated(checkout.root / "bin" / "server") as tool:
+        alice, bob = pair(tool.address)  # the first connection starts the server
+        tool.out.wait_for(rf"forkchat server listening on \S+:{tool.port} pid {tool.pid}$")
         checkout.bump()
-        mark = len(out.lines)
+        mark = len(tool.out.lines)
         os.kill(tool.pid, signal.SIGRTMIN)
-        done = out.wait_for(SERVES, start=mark)
+        done = tool.out.wait_for(SERVES, start=mark)
         assert (done.group(1), int(done.group(2))) == (NEW_VERSION, tool.pid)
         alice.send("across")
         bob.expect("MSG across", "TURN WRITE")
-        carol, dave = pair(address, "carol", "dave")
-        out.wait_for(r"room 2 opened \(new\) pid")
+        carol, dave = pair(tool.address, "carol", "dave")
+        tool.out.wait_for(r"room 2 opened \(new\) pid")
         assert psutil.Process(tool.pid).name() == "forkchat-server"
         close_all((alice, bob, carol, dave))
-    finally:
-        reap_tree(tool)
 
 
 # ---------------------------------------------------------------- under load
