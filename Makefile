@@ -17,11 +17,11 @@ help:
 	@echo '  run      the server, in the foreground    make run PORT=4000 ARGS="--requeue"'
 	@echo '  client   a chat client                    make client NAME=bob ARGS="--cafile cert.pem"'
 	@echo '  pids     list or signal its processes     make pids ARGS="--signal USR2"'
-	@echo '  test     lint, then the whole suite (about 3 min; may apt-get haproxy and openssl)'
+	@echo '  test     lint, then the whole suite (about 3 min; may apt-get haproxy, openssl, nc)'
 	@echo '  bench    the benchmark beside its reference relay; figures also in bench.json'
 	@echo '  lint     ruff check and format check      format: let ruff fix what it can'
 	@echo '  cert     a self-signed cert.pem and key.pem, for trying TLS'
-	@echo '  sysdeps  haproxy and openssl, if missing  clean: remove .venv and the caches'
+	@echo '  sysdeps  haproxy, openssl, nc if missing   clean: remove .venv and the caches'
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,12 +52,14 @@ format: $(STAMP)
 test: lint sysdeps
 	env -u PYTHONUNBUFFERED $(BIN)/python -m pytest
 
-# System packages the deployment tests use: haproxy (run in the foreground by the
-# tests) and the openssl CLI (test certificates). Installed only when missing, and
-# only as root; otherwise the tests that need them are skipped.
+# System packages the tests use: haproxy (run in the foreground by the tests), the
+# openssl CLI (test certificates, a third-party TLS client) and nc (a program that is
+# not a forkchat client, for bin/pids). Installed only when missing, and only as root;
+# otherwise the tests that need them are skipped. Each is command:package.
 sysdeps:
 	@missing=""; \
-	for tool in haproxy openssl; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	for need in haproxy:haproxy openssl:openssl nc:netcat-openbsd; do \
+		command -v $${need%%:*} >/dev/null || missing="$$missing $${need#*:}"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
 		echo "sysdeps: missing$$missing; install it (Debian: apt-get install$$missing)," \
