@@ -161,9 +161,6 @@ class Clients:
         for conn in list(self.closing.values()):
             self.drop(conn)
 
-    def __len__(self) -> int:
-        return len(self.owners)
-
     # -- across an upgrade in place (upgrade.py) -----------------------------------------
 
     def export(self, conn: Conn) -> dict[str, Any]:
@@ -182,8 +179,6 @@ class Clients:
         record = from_json(data)
         conn = self.new_conn(sock, record.peer, record.id)
         restore_conn(conn, record)
-        if record.name == "?":
-            conn.name = None  # not named yet
         conn.avoid = record.avoid or None
         conn.deadline = data["deadline"]
         conn.wr_shut = data.get("wr_shut", False)

@@ -117,8 +117,7 @@ class FrontDoor:
         if self.proxy or self.tls:
             self.clients.drop(conn, why)
             return
-        self.log.event("connect", f"client connected {conn.peer}")
-        conn.queue(p.hello_line())
+        self.greet(conn)
         self.clients.say_bye(conn, p.BYE_FULL, "too many connections, try again later", why)
 
     def pause_accepting(self, exc: OSError) -> None:

@@ -49,7 +49,7 @@ class HandBack(NamedTuple):
     standing for a line that was too long."""
 
     id: int
-    name: str
+    name: str | None  # None: not named yet (a handshaking client, at an upgrade)
     peer: str
     avoid: int  # the id of the partner it just left
     why: str  # for the log: "said next", "partner bob left", ...
@@ -66,7 +66,7 @@ def snapshot(conn: Conn, avoid: int = 0, why: str = "", text: str = "") -> HandB
     address, lines not yet handled, unfinished line, unsent output, end of input."""
     return HandBack(
         id=conn.id,
-        name=conn.name or "?",
+        name=conn.name,
         peer=conn.peer,
         avoid=avoid,
         why=why,

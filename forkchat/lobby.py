@@ -48,9 +48,6 @@ class Lobby:
     def __len__(self) -> int:
         return len(self.queue)
 
-    def __iter__(self):
-        return iter(self.queue)
-
     # -- coming in ----------------------------------------------------------------------
 
     def admit(self, conn: Conn) -> None:
@@ -58,8 +55,7 @@ class Lobby:
         turn it away with ``BYE full``. The lines that came with its name are handled
         in its room if it is paired at once, else here."""
         if self.is_full_for(conn):
-            why = f"full: {len(self.queue)} waiting, name {conn.name}"
-            self.clients.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
+            self.turn_away_full(conn, f"name {conn.name}")
             return
         self.log.event("name", f"client named {conn.label}")
         self.clients.hand_to(conn, self)
@@ -76,8 +72,7 @@ class Lobby:
             self.clients.say_bye(conn, p.BYE_SHUTDOWN, p.SHUTDOWN_TEXT)
             return
         if self.is_full_for(conn):
-            why = f"full: {len(self.queue)} waiting, requeued"
-            self.clients.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
+            self.turn_away_full(conn, "requeued")
             return
         conn.state = WAITING
         self.queue.add(conn)
@@ -96,6 +91,11 @@ class Lobby:
         if len(self.queue) < self.max_waiting:
             return False
         return not self.rooms.can_open() or all(not may_pair(conn, w) for w in self.queue)
+
+    def turn_away_full(self, conn: Conn, detail: str) -> None:
+        """``BYE full``: the queue has no place for ``conn`` (``detail`` for the log)."""
+        why = f"full: {len(self.queue)} waiting, {detail}"
+        self.clients.say_bye(conn, p.BYE_FULL, "too many clients waiting, try again later", why)
 
     def enqueue(self, conn: Conn, text: str) -> None:
         """Queue ``conn`` at the end, open the rooms that can be opened now, and if it

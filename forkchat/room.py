@@ -44,6 +44,7 @@ Back = tuple[Conn, str, str]  # client handed back, why (for the log), its WAIT 
 # long for the server's shutdown (its note, or SIGUSR1) before it takes the SIGTERM as
 # meant for itself alone.
 GROUP_GRACE = 0.5
+NO_PARTNER_TEXT = "could not find you a new partner"  # a hand-back that failed
 
 
 def wake_only(signum: int, frame: Any) -> None:
@@ -467,7 +468,7 @@ class Room:
         # parent has taken them (or refused them: then they are ours to say BYE to).
         self.clients.value = self.handed
         refused = self.take_verdicts(sent)
-        byes = {**byes, **{c: (p.BYE_ERROR, "could not find you a new partner") for c in refused}}
+        byes = {**byes, **{c: (p.BYE_ERROR, NO_PARTNER_TEXT) for c in refused}}
         for conn, (reason, text) in byes.items():
             self.log.departure(conn.label, reason)
             conn.out += p.bye_line(reason, text)
@@ -490,7 +491,7 @@ class Room:
             send_handback(self.rules.channel, record, conn.fd)
         except OSError as exc:
             self.log.departure(conn.label, f"hand-back failed: {exc.strerror or exc}")
-            send_now(conn, p.bye_line(p.BYE_ERROR, "could not find you a new partner"))
+            send_now(conn, p.bye_line(p.BYE_ERROR, NO_PARTNER_TEXT))
             conn.close()
             return False
         return True

@@ -18,7 +18,7 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from . import protocol as p
@@ -87,9 +87,6 @@ class Rooms:
 
     def __len__(self) -> int:
         return len(self.rooms)
-
-    def __iter__(self) -> Iterator[RoomProc]:
-        return iter(list(self.rooms.values()))
 
     def can_open(self) -> bool:
         return len(self.rooms) + len(self.ready) < self.max_rooms and not self.stopping
