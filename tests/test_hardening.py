@@ -212,16 +212,19 @@ def test_idle_room_is_closed_with_bye_timeout():
 
 
 def test_full_rooms_make_pairs_wait_and_open_in_order():
+    """Pairs wait for a room in order, and WAIT says why: nobody else, the only room
+    busy, or how many others wait."""
     srv = ServerProc("--no-color", "--max-rooms", "1")
     try:
         a, b = pair(srv.address)
         c = Peer(srv.address, "carol")
-        c.expect("WAIT waiting for a partner")
-        d = Peer(srv.address, "dave")
-        d.expect("WAIT waiting for a partner: the only room is busy")
-        c.expect("WAIT waiting for a partner: the only room is busy")
+        c.expect("WAIT waiting for a partner: nobody else is waiting")
+        d = Peer(srv.address, "dave")  # both of a pair in line are told
+        d.expect("WAIT waiting for a partner: the only room is busy, you are in line")
+        c.expect("WAIT waiting for a partner: the only room is busy, you are in line")
         e = Peer(srv.address, "erin")
-        e.expect("WAIT ")
+        e.expect("WAIT waiting for a partner: 2 others waiting")
+        srv.out.wait_for(r"erin \S+ waiting \(waiting for a partner: 2 others waiting\)$")
         f = Peer(srv.address, "frank")
         f.expect("WAIT waiting for a partner: the only room is busy")
         e.expect("WAIT waiting for a partner: the only room is busy")

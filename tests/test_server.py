@@ -311,25 +311,6 @@ def test_processes_are_named_for_top(server):
     b.close()
 
 
-def test_wait_says_who_else_waits():
-    """WAIT explains itself: nobody else, rooms all busy (both of a pair in line are
-    told), or how many others wait."""
-    srv = ServerProc("--no-color", "--max-rooms", "1")
-    try:
-        a, b = pair(srv.address)
-        c = Peer(srv.address, "carol")
-        c.expect("WAIT waiting for a partner: nobody else is waiting")
-        d = Peer(srv.address, "dave")
-        d.expect("WAIT waiting for a partner: the only room is busy, you are in line")
-        c.expect("WAIT waiting for a partner: the only room is busy, you are in line")
-        e = Peer(srv.address, "erin")
-        e.expect("WAIT waiting for a partner: 2 others waiting")
-        srv.out.wait_for(r"erin \S+ waiting \(waiting for a partner: 2 others waiting\)$")
-        close_all((a, b, c, d, e))
-    finally:
-        srv.stop()
-
-
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_every_room_is_a_child_of_the_server_with_nothing_between(tls, request):
     """The process tree the project promises: server -> rooms, with or without TLS."""
